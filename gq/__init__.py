@@ -1,0 +1,28 @@
+"""gq: Gaussian Quant (GQ) and the Target Divergence Constraint (TDC), in pure PyTorch.
+
+Paper: "Vector Quantization using Gaussian Variational Autoencoder", Xu et al., arXiv 2512.06609.
+"""
+
+from gq.codebook import CodebookSpec, GaussianCodebook
+from gq.layout import LAYOUTS, merge_groups, split_groups
+from gq.quantizer import LOGVAR_RANGE, GaussianQuantizer, QuantizerConfig, dequantize, quantize
+from gq.tdc import KLStats, TargetDivergenceConstraint, TDCConfig, kl_bits
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LAYOUTS",
+    "LOGVAR_RANGE",
+    "CodebookSpec",
+    "GaussianCodebook",
+    "GaussianQuantizer",
+    "KLStats",
+    "QuantizerConfig",
+    "TDCConfig",
+    "TargetDivergenceConstraint",
+    "dequantize",
+    "kl_bits",
+    "merge_groups",
+    "quantize",
+    "split_groups",
+]

@@ -1,0 +1,6 @@
+"""Nearest-code search for Gaussian Quant: one function, both rules, CPU (torch) and later GPU (CuPy)."""
+
+from kernels.rules import RULES
+from kernels.search import DEFAULT_SCRATCH_BYTES, nearest_code
+
+__all__ = ["DEFAULT_SCRATCH_BYTES", "RULES", "nearest_code"]
