@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| reference torch path | {ref_best * 1e3:.0f} | {ref_best / ours_best:.0f}x slower |\n"
         f"| chunked GEMM + argmax | {gemm_best * 1e3:.1f} | {gemm_best / ours_best:.2f}x slower |\n"
         f"| **ours** (median {ours_median * 1e3:.1f}) | **{ours_best * 1e3:.1f}** | 1 |\n"
-        f"| arithmetic floor ({gflops:.0f} GFLOP/s) | {floor_s * 1e3:.1f} | ours = {ours_best / floor_s:.2f}x floor |"
+        f"| arithmetic floor ({gflops:.0f} GFLOP/s) | {floor_s * 1e3:.1f} "
+        f"| ours = {ours_best / floor_s:.2f}x floor |"
     )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

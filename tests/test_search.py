@@ -141,3 +141,15 @@ def test_bad_inputs_raise():
         nearest_code(torch.full((3, 4), float("nan")), mu, codes)
     with pytest.raises(ValueError, match="non-finite"):
         nearest_code(mu, torch.full((3, 4), -200.0), codes)  # unclamped logvar overflows 1/sigma^2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", ["posterior", "mean"])
+def test_cuda_tensors_give_the_cpu_answer(rule):
+    codes = GaussianCodebook(2**16, 16).vectors
+    mu, logvar = random_queries(4096, 16, seed=3, bits=16.0)
+    lv = logvar if rule == "posterior" else None
+    cpu = nearest_code(mu, lv, codes, rule=rule)
+    gpu = nearest_code(mu.cuda(), None if lv is None else lv.cuda(), codes.cuda(), rule=rule)
+    assert gpu.device.type == "cuda"
+    assert torch.equal(gpu.cpu(), cpu)
