@@ -25,24 +25,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gq import GaussianCodebook  # noqa: E402
 from gq.synthetic import posteriors_at_rate  # noqa: E402
 from kernels import nearest_code  # noqa: E402
+from kernels.rules import code_features, query_features  # noqa: E402
 
 
-def best_of(fn, reps: int) -> tuple[float, float]:
-    """(best, median) wall seconds over `reps` calls after one warm-up call."""
-    fn()
+def best_of(fn, reps: int) -> tuple[float, float, object]:
+    """(best, median) wall seconds over `reps` calls after one warm-up call, and the last result."""
+    result = fn()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        fn()
+        result = fn()
         times.append(time.perf_counter() - start)
     times.sort()
-    return times[0], times[len(times) // 2]
+    return times[0], times[len(times) // 2], result
 
 
 def matmul_gflops(size: int = 4096, reps: int = 5) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
     out = torch.empty(size, size)
-    best, _ = best_of(lambda: torch.mm(a, b, out=out), reps)
+    best, _, _ = best_of(lambda: torch.mm(a, b, out=out), reps)
     return 2 * size**3 / best / 1e9
 
 
@@ -60,30 +61,30 @@ def reference_torch_path(mu, std, prior, beta=1.0):
 
 
 def chunked_gemm_argmax(mu, logvar, codes, chunk=128):
-    """The plain fast approach: score chunks of queries against the whole codebook, then argmax."""
-    a = torch.cat([codes * codes, codes], 1)
+    """The plain fast approach: score chunks of queries against the whole codebook, then argmax
+    (the same float32 features as ours, but every score is written out and read back)."""
+    a = code_features(codes, "posterior")
     out = torch.empty(mu.shape[0], dtype=torch.long)
     for i in range(0, mu.shape[0], chunk):
-        p = torch.exp(-logvar[i : i + chunk])
-        q = torch.cat([(1 - p) / 2, mu[i : i + chunk] * p], 1)
+        q = query_features(mu[i : i + chunk], logvar[i : i + chunk], "posterior", 1.0)
         out[i : i + chunk] = (q @ a.T).argmax(1)
     return out
 
 
 MEMORY_PROBE = r"""
 import sys, torch
-sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, sys.argv[1])
 from gq import GaussianCodebook
 from kernels import nearest_code
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
-n = int(sys.argv[1])
-codes = GaussianCodebook(65536, 16).vectors
+n, k, d = (int(a) for a in sys.argv[2:5])
+codes = GaussianCodebook(k, d).vectors
 g = torch.Generator().manual_seed(0)
-mu = torch.randn(n, 16, generator=g) * 0.7
-logvar = torch.full((n, 16), -1.4)
+mu = torch.randn(n, d, generator=g) * 0.7
+logvar = torch.full((n, d), -1.4)
 base = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 idx = nearest_code(mu, logvar, codes)
@@ -91,11 +92,10 @@ print(status("VmHWM") - base, idx.numel())
 """
 
 
-def peak_extra_bytes(n: int) -> int:
+def peak_extra_bytes(n: int, k: int, d: int) -> int:
     root = str(Path(__file__).resolve().parents[1])
-    out = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, str(n), root], capture_output=True, text=True, check=True
-    )
+    argv = [sys.executable, "-c", MEMORY_PROBE, root, str(n), str(k), str(d)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True)
     return int(out.stdout.split()[0])
 
 
@@ -117,13 +117,12 @@ def main(argv: list[str] | None = None) -> int:
 
     gflops = matmul_gflops()
     floor_s = 2 * n * k * 2 * d / (gflops * 1e9)
-    ours_best, ours_median = best_of(lambda: nearest_code(mu, logvar, codes), args.reps)
-    gemm_best, gemm_median = best_of(lambda: chunked_gemm_argmax(mu, logvar, codes), max(3, args.reps // 4))
-    ref_best, _ = best_of(lambda: reference_torch_path(mu, std, codes), args.reference_reps)
+    ours_best, ours_median, ours = best_of(lambda: nearest_code(mu, logvar, codes), args.reps)
+    gemm_best, _, _ = best_of(lambda: chunked_gemm_argmax(mu, logvar, codes), max(3, args.reps // 4))
+    ref_best, _, ref = best_of(lambda: reference_torch_path(mu, std, codes), args.reference_reps)
 
-    ours = nearest_code(mu, logvar, codes)
-    agree = float((ours == reference_torch_path(mu, std, codes)).double().mean())
-    memory = {m: peak_extra_bytes(m) for m in args.memory_n}
+    agree = float((ours == ref).double().mean())
+    memory = {m: peak_extra_bytes(m, k, d) for m in args.memory_n}
 
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
