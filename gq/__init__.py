@@ -3,15 +3,29 @@
 Paper: "Vector Quantization using Gaussian Variational Autoencoder", Xu et al., arXiv 2512.06609.
 """
 
+from gq.checkpoint import CheckpointError, describe, load, save
 from gq.codebook import CodebookSpec, GaussianCodebook
 from gq.layout import LAYOUTS, merge_groups, split_groups
+from gq.model import GQVAE, ModelConfig
+from gq.networks import NetworkConfig
+from gq.presets import OPERATING_POINTS, PRESETS, model_config
 from gq.quantizer import LOGVAR_RANGE, GaussianQuantizer, QuantizerConfig, dequantize, quantize
 from gq.tdc import KLStats, TargetDivergenceConstraint, TDCConfig, kl_bits
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GQVAE",
     "LAYOUTS",
+    "OPERATING_POINTS",
+    "PRESETS",
+    "CheckpointError",
+    "describe",
+    "ModelConfig",
+    "NetworkConfig",
+    "load",
+    "model_config",
+    "save",
     "LOGVAR_RANGE",
     "CodebookSpec",
     "GaussianCodebook",

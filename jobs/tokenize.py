@@ -1,0 +1,109 @@
+"""Tokenize WebDataset image shards into Parquet token files with a GQ-VAE, on a Ray actor pool.
+
+Run on a cluster:   ray job submit --working-dir . -- python jobs/tokenize.py --input SHARDS --output DIR \\
+                        --checkpoint CKPT
+Run locally:        python jobs/tokenize.py --input 'shards/train-{000000..000009}.tar' --output tokens/ \\
+                        --checkpoint model.safetensors
+Without a cluster to join it starts an embedded local Ray. Started again after any interruption it skips
+the committed shards. Exit status: 0 every shard committed, 1 a shard failed after retries, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as `python jobs/tokenize.py`, this file's folder heads sys.path and the file would shadow the
+# standard library's `tokenize` module (imported by inspect/linecache): put the checkout there instead.
+_JOBS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_JOBS)] + [p for p in sys.path if os.path.abspath(p or ".") != _JOBS]
+
+import argparse  # noqa: E402
+
+from pipeline.decode import DecodeLimits  # noqa: E402
+from pipeline.driver import ON_EXISTING, JobSettings, plan, prepare_output, run_job  # noqa: E402
+from pipeline.tokenizer import TokenizeOptions  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to read and write
+    p.add_argument("--input", required=True, help="SHARDS: brace pattern, glob, directory or .txt URL list")
+    p.add_argument("--output", required=True, help="DIR for <shard>.parquet, _manifest/ and _run.json")
+    p.add_argument("--checkpoint", required=True, help="GQ-VAE .safetensors checkpoint (path or fsspec URL)")
+    p.add_argument(
+        "--on-existing",
+        choices=ON_EXISTING,
+        default="skip",
+        help="skip: resume, keeping committed shards; overwrite: delete DIR's token files and start afresh",
+    )
+    # preprocessing and bad input
+    p.add_argument("--image-size", type=int, default=256, help="shorter side resized to this, center crop")
+    p.add_argument("--min-side", type=int, default=64, help="skip images whose shorter side is below this")
+    p.add_argument("--max-aspect", type=float, default=4.0, help="skip images with a longer aspect ratio")
+    p.add_argument(
+        "--max-pixels", type=int, default=40_000_000, help="skip images declaring more pixels (bomb guard)"
+    )
+    # throughput and resources
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--actors", type=int, default=1, help="tokenizer actors (one model each)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor; 0 runs on CPU")
+    p.add_argument(
+        "--cpus-per-actor", type=float, default=None, help="CPUs per actor (default: all CPUs / actors)"
+    )
+    p.add_argument("--decode-threads", type=int, default=2, help="image decoding threads per actor")
+    p.add_argument("--retries", type=int, default=3, help="attempts per shard after the first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary still prints)")
+    args = p.parse_args(argv)
+    for name in ("image_size", "batch_size", "actors", "min_side", "max_pixels"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.decode_threads < 0 or args.retries < 0 or args.gpus_per_actor < 0 or args.max_aspect < 1:
+        p.error("--decode-threads, --retries, --gpus-per-actor must be >= 0 and --max-aspect >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    options = TokenizeOptions(
+        image_size=args.image_size,
+        limits=DecodeLimits(min_side=args.min_side, max_aspect=args.max_aspect, max_pixels=args.max_pixels),
+        batch_size=args.batch_size,
+        decode_threads=args.decode_threads,
+    )
+    settings = JobSettings(
+        input=args.input,
+        output=args.output,
+        checkpoint=args.checkpoint,
+        options=options,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        on_existing=args.on_existing,
+        retries=args.retries,
+        progress=not args.no_progress,
+    )
+    try:
+        shards, run = plan(settings)
+        prepare_output(settings, run)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"tokenize: error: {e}", file=sys.stderr)
+        return 2
+    model = run["model_sha256"][:12]
+    print(f"tokenize: {len(shards)} shards -> {settings.output} (model {model})", flush=True)
+
+    import ray  # late: argument errors above answer without starting Ray
+
+    # address=None joins RAY_ADDRESS or a local `ray start` cluster, else starts an embedded one; that one
+    # needs no dashboard (a dozen processes on a small machine). Ignored when joining a cluster.
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
+    try:
+        summary = run_job(settings, shards, run)
+    finally:
+        ray.shutdown()
+    print(summary.format(), flush=True)
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The tokenizer actor: a Ray actor around `ShardTokenizer`, one GQ-VAE per actor on its GPU or CPUs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+from pipeline.tokenizer import ShardTokenizer, TokenizeOptions
+
+# Environment the actors need from the driver's: object-store credentials and endpoints, fsspec settings.
+FORWARDED_ENV_PREFIXES = ("AWS_", "FSSPEC_", "GOOGLE_", "GCS_", "HF_")
+
+
+class TokenizerActor:
+    """Holds the model; `process(url, output)` tokenizes and commits one shard."""
+
+    def __init__(
+        self, checkpoint: str, options: TokenizeOptions, device: str, threads: int, expected_sha256: str
+    ) -> None:
+        self.worker = ShardTokenizer(checkpoint, options, device, threads, expected_sha256)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def process(self, url: str, output: str) -> dict:
+        return self.worker.process(url, output)
+
+
+def actor_env() -> dict[str, str]:
+    """Driver environment forwarded to actors, with this checkout importable on every worker."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def tokenizer_actor(cpus: float, gpus: float):
+    """The Ray actor class with its resource request (no automatic restarts: the driver replaces actors)."""
+    return ray.remote(TokenizerActor).options(
+        num_cpus=cpus, num_gpus=gpus, max_restarts=0, runtime_env={"env_vars": actor_env()}
+    )

@@ -1,0 +1,288 @@
+"""Turning a WebDataset sample into a preprocessed RGB image and label, or into a Skip with a reason.
+
+Thread-safe: no global state is changed per call (called from a thread pool), except one warnings filter
+set at import (see `_quiet_bomb_warnings`).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.preprocess import preprocess, random_crop_flip
+from pipeline.samples import DUPLICATE, TAR_TRUNCATED, Sample, Skip
+
+TRUNCATED = "truncated image"
+CORRUPT = "corrupt image"
+EMPTY = "empty member"
+NOT_IMAGE = "not an image"
+NO_IMAGE = "no image member"
+TOO_SMALL = "too small"
+ASPECT = "aspect ratio"
+TOO_MANY_PIXELS = "too many pixels"
+REASONS = (
+    TRUNCATED,
+    CORRUPT,
+    EMPTY,
+    NOT_IMAGE,
+    NO_IMAGE,
+    DUPLICATE,
+    TOO_SMALL,
+    ASPECT,
+    TOO_MANY_PIXELS,
+    TAR_TRUNCATED,
+)
+
+# Extensions taken as the image member without looking at content, in order of preference.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "image", "gif", "bmp", "tif", "tiff")
+
+# Only formats a photo corpus holds: PIL would otherwise also identify e.g. EPS (which runs Ghostscript),
+# PSD, ICO or FITS bytes as images.
+_ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "JPEG2000", "AVIF")
+Image.init()
+_FORMATS = tuple(f for f in _ALLOWED_FORMATS if f in Image.OPEN)
+
+_ORIENTATION = 0x0112
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def _quiet_bomb_warnings() -> None:
+    # We check the declared size against DecodeLimits.max_pixels ourselves before decoding; PIL's own
+    # warning (one per distinct size, so it would flood a log) adds nothing. PIL's DecompressionBombError,
+    # raised above 2 * Image.MAX_IMAGE_PIXELS (~179 MP), still applies and is reported as too many pixels.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+_quiet_bomb_warnings()
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Which images are skipped rather than tokenized (options of the jobs)."""
+
+    min_side: int = 64  # images whose shorter side is below this many pixels are skipped as too small
+    max_aspect: float = 4.0  # longer side / shorter side above this is skipped as aspect ratio
+    max_pixels: int = 40_000_000  # width * height declared in the header above this is never decoded
+
+    def __post_init__(self) -> None:
+        if self.min_side < 1:
+            raise ValueError(f"min_side must be >= 1, got {self.min_side}")
+        if self.max_aspect < 1:
+            raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+class SkipSample(Exception):
+    """A sample that cannot become a row; `reason` is one of the reason constants of this module."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Decoded:
+    """A sample ready for the model: uint8 (image_size, image_size, 3) RGB after preprocessing."""
+
+    key: str
+    index: int
+    label: int | None
+    image: np.ndarray
+
+
+def decode_sample(
+    sample: Sample,
+    *,
+    image_size: int,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    train_rng: np.random.Generator | None = None,
+) -> Decoded | Skip:
+    """Find, decode and preprocess the sample's image (center crop, or random crop and flip when a training
+    `train_rng` is given). Bad data becomes a Skip with its reason; this never raises for bad data."""
+    try:
+        ext, data = find_image(sample.members)
+        try:
+            image = decode_image(data, limits)
+        except SkipSample as e:
+            raise SkipSample(e.reason, f".{ext}: {e.detail}" if e.detail else f".{ext}") from None
+    except SkipSample as e:
+        return Skip(key=sample.key, index=sample.index, reason=e.reason, detail=e.detail)
+    if train_rng is None:
+        image = preprocess(image, image_size)
+    else:
+        image = random_crop_flip(image, image_size, train_rng)
+    return Decoded(key=sample.key, index=sample.index, label=label_of(sample.members), image=image)
+
+
+def find_image(members: dict[str, bytes]) -> tuple[str, bytes]:
+    """(extension, bytes) of the sample's image member: the first by IMAGE_EXTENSIONS (any case), else the
+    first member whose content starts like an image (JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF); a member
+    named like an image is returned even when its bytes are bad, so the decoder can say what is wrong."""
+    by_lower = {}
+    for ext in members:
+        by_lower.setdefault(ext.lower(), ext)
+    for wanted in IMAGE_EXTENSIONS:
+        if wanted in by_lower:
+            ext = by_lower[wanted]
+            return ext, members[ext]
+    for ext, data in members.items():
+        if _sniff(data):
+            return ext, data
+    raise SkipSample(NO_IMAGE, f"members: {', '.join(sorted(members)) or 'none'}")
+
+
+def label_of(members: dict[str, bytes]) -> int | None:
+    """The integer class in the `.cls` member (ASCII, whitespace ignored); None when absent or unparsable."""
+    for ext, data in members.items():
+        if ext.lower() == "cls":
+            try:
+                return int(data.decode("ascii").strip())
+            except (UnicodeDecodeError, ValueError):
+                return None
+    return None
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Encoded image bytes -> uint8 (H, W, 3) RGB with EXIF orientation applied; raises SkipSample.
+
+    The declared size is checked before any pixel is decoded: width * height against max_pixels
+    (decompression bombs), shorter side against min_side, longer / shorter against max_aspect (the last
+    two do not change under the EXIF rotation, so the header size serves). CMYK, grayscale, 16-bit
+    (scaled, 65535 -> 255), palette and alpha images are converted; alpha is composited on white.
+    """
+    if not data:
+        raise SkipSample(EMPTY, "0 bytes")
+    try:
+        image = Image.open(io.BytesIO(data), formats=_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise SkipSample(TOO_MANY_PIXELS, str(e)) from None
+    except UnidentifiedImageError:
+        kind = _sniff(data)
+        if kind is None:
+            raise SkipSample(NOT_IMAGE, f"{len(data)} bytes starting {data[:8]!r}") from None
+        raise _damaged(data, kind, "unreadable header") from None
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise _damaged(data, _sniff(data), f"{type(e).__name__}: {e}") from None
+
+    with image:
+        width, height = image.size
+        _check_size(width, height, limits)
+        try:
+            image.load()
+            return _to_rgb(_apply_orientation(image))
+        except Image.DecompressionBombError as e:  # a GIF frame larger than the declared screen
+            raise SkipSample(TOO_MANY_PIXELS, str(e)) from None
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise _damaged(data, image.format, f"{type(e).__name__}: {e}") from None
+
+
+def _check_size(width: int, height: int, limits: DecodeLimits) -> None:
+    size = f"{width}x{height}"
+    if width * height > limits.max_pixels:
+        raise SkipSample(TOO_MANY_PIXELS, f"{size} > {limits.max_pixels} pixels")
+    shorter, longer = min(width, height), max(width, height)
+    if shorter == 0:
+        raise SkipSample(CORRUPT, f"declared size {size}")
+    if shorter < limits.min_side:
+        raise SkipSample(TOO_SMALL, f"{size}, shorter side < {limits.min_side}")
+    if longer / shorter > limits.max_aspect:
+        raise SkipSample(ASPECT, f"{size}, aspect {longer / shorter:.2f} > {limits.max_aspect}")
+
+
+def _damaged(data: bytes, kind: str | None, message: str) -> SkipSample:
+    """TRUNCATED when PIL says so or the bytes lack their format's end marker, else CORRUPT.
+
+    PIL reports a cut JPEG as "image file is truncated", but a cut WebP as "could not create decoder
+    object" and zlib damage in a PNG as "broken data stream", so the end marker decides those.
+    """
+    if "truncated" in message or _looks_cut(data, kind):
+        return SkipSample(TRUNCATED, message)
+    return SkipSample(CORRUPT, message)
+
+
+def _looks_cut(data: bytes, kind: str | None) -> bool:
+    tail = data.rstrip(b"\0")[-1024:]
+    if kind in ("JPEG", "MPO"):
+        return b"\xff\xd9" not in tail
+    if kind == "PNG":
+        return b"IEND" not in tail[-16:]
+    if kind == "WEBP":
+        return int.from_bytes(data[4:8], "little") + 8 > len(data)
+    if kind == "GIF":
+        return not tail.endswith(b";")
+    return False
+
+
+def _sniff(data: bytes) -> str | None:
+    """The image format named by the leading magic bytes, or None."""
+    head = data[:32]
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    # "BM" alone is too weak (a caption can start with it): also require a known DIB header size
+    if head.startswith(b"BM") and int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):
+        return "BMP"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "TIFF"
+    if head[4:12] in (b"ftypavif", b"ftypavis"):
+        return "AVIF"
+    if head.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):
+        return "JPEG2000"
+    return None
+
+
+def _apply_orientation(image: Image.Image) -> Image.Image:
+    try:
+        orientation = image.getexif().get(_ORIENTATION, 1)
+    except Exception:
+        # unreadable EXIF: the pixels are fine, show them as stored
+        return image
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(image)
+    return image
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        # 16-bit gray: scale 0..65535 to 0..255 (PIL's convert("L") would clip at 255 instead).
+        # Mode "I" is taken as 16-bit too: it is how some readers hand over 16-bit PNG and TIFF data.
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        return _gray_to_rgb(((values * 255 + 32767) // 65535).astype(np.uint8))
+    if mode == "F":
+        return _gray_to_rgb(np.clip(np.asarray(image), 0, 255).round().astype(np.uint8))
+    palette_alpha = mode == "P" and image.palette is not None and image.palette.mode == "RGBA"
+    if mode in _ALPHA_MODES or "transparency" in image.info or palette_alpha:
+        return _on_white(np.asarray(image.convert("RGBA")))
+    if mode != "RGB":
+        image = image.convert("RGB")  # CMYK (and YCCK, which PIL opens as CMYK), L, 1, P, YCbCr
+    return np.array(image)  # a copy: np.asarray of a PIL image is read-only
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _on_white(rgba: np.ndarray) -> np.ndarray:
+    rgb = rgba[:, :, :3].astype(np.uint32)
+    alpha = rgba[:, :, 3:].astype(np.uint32)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)

@@ -1,0 +1,97 @@
+"""Commit records and run records of an output directory: what makes a job resumable and exactly-once.
+
+A shard is committed when `DIR/_manifest/<stem>.json` exists; it is written only after the shard's Parquet
+file is in place, so a job killed at any moment and started again redoes exactly the uncommitted shards.
+`DIR/_run.json` pins the model, codebook and preprocessing: a later run with different ones is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+
+import fsspec
+
+from pipeline.writer import write_atomic
+
+MANIFEST_DIR = "_manifest"
+RUN_FILE = "_run.json"
+# Run settings that change the tokens: a run into an existing DIR must agree on all of them.
+IDENTITY_FIELDS = ("model_sha256", "codebook_fingerprint", "quantizer", "image_size", "preprocessing")
+
+
+class RunMismatch(ValueError):
+    """The output directory holds tokens from a different model, codebook or preprocessing."""
+
+
+def join(base: str, *parts: str) -> str:
+    """Path join that keeps URL schemes (`s3://b/x` + `y` -> `s3://b/x/y`)."""
+    return posixpath.join(base.rstrip("/"), *parts)
+
+
+def token_url(output: str, stem: str) -> str:
+    return join(output, f"{stem}.parquet")
+
+
+def manifest_url(output: str, stem: str) -> str:
+    return join(output, MANIFEST_DIR, f"{stem}.json")
+
+
+def committed_stems(output: str) -> set[str]:
+    """Stems of the shards whose commit record exists."""
+    fs, path = fsspec.core.url_to_fs(join(output, MANIFEST_DIR))
+    fs.invalidate_cache()  # object-store listings are cached per filesystem instance
+    if not fs.exists(path):
+        return set()
+    names = [posixpath.basename(p) for p in fs.ls(path, detail=False)]
+    return {n[: -len(".json")] for n in names if n.endswith(".json") and not n.startswith(".")}
+
+
+def write_manifest(output: str, stem: str, record: dict) -> None:
+    write_atomic(manifest_url(output, stem), json.dumps(record, indent=1, sort_keys=True).encode())
+
+
+def read_manifest(output: str, stem: str) -> dict:
+    with fsspec.open(manifest_url(output, stem), "rb") as f:
+        return json.loads(f.read())
+
+
+def read_run(output: str) -> dict | None:
+    fs, path = fsspec.core.url_to_fs(join(output, RUN_FILE))
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def check_run(previous: dict | None, current: dict) -> None:
+    """Raise RunMismatch when `current` would mix tokens with the run recorded in `previous`."""
+    if previous is None:
+        return
+    diffs = [f for f in IDENTITY_FIELDS if previous.get(f) != current.get(f)]
+    if diffs:
+        detail = "; ".join(f"{f}: {previous.get(f)!r} != {current.get(f)!r}" for f in diffs)
+        raise RunMismatch(
+            f"the output directory holds tokens of a different run ({detail}); "
+            "use a new --output or --on-existing overwrite"
+        )
+
+
+def write_run(output: str, run: dict) -> None:
+    write_atomic(join(output, RUN_FILE), json.dumps(run, indent=1, sort_keys=True).encode())
+
+
+def clear_outputs(output: str) -> int:
+    """Delete this project's files in DIR (token files, commit records, run record); the count deleted."""
+    fs, path = fsspec.core.url_to_fs(output)
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return 0
+    doomed = [p for p in fs.ls(path, detail=False) if p.endswith(".parquet") or p.endswith(RUN_FILE)]
+    mdir = posixpath.join(path.rstrip("/"), MANIFEST_DIR)
+    if fs.exists(mdir):
+        doomed += [p for p in fs.ls(mdir, detail=False) if p.endswith(".json")]
+    for p in doomed:
+        fs.rm(p)
+    return len(doomed)

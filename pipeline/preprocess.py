@@ -1,0 +1,62 @@
+"""The one image preprocessing shared by tokenizing, training and evaluation: shorter side to `size`
+(antialiased bicubic), then a center crop (or a random crop and flip for training)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def preprocess(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (size, size, 3): shorter side resized to `size`, then center crop."""
+    resized = resize_shorter_side(image, size)
+    height, width = resized.shape[:2]
+    top, left = (height - size) // 2, (width - size) // 2
+    return resized[top : top + size, left : left + size].copy()  # fresh, contiguous and writable
+
+
+def random_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Training augmentation: shorter side to `size` as in `preprocess`, a random crop along the longer side,
+    and a horizontal flip with probability 1/2. Deterministic for a seeded `rng` (two draws per call)."""
+    resized = resize_shorter_side(image, size)
+    height, width = resized.shape[:2]
+    offset = int(rng.integers(0, max(height, width) - size + 1))
+    flip = bool(rng.random() < 0.5)
+    top, left = (offset, 0) if height > width else (0, offset)
+    crop = resized[top : top + size, left : left + size]
+    return (crop[:, ::-1] if flip else crop).copy()
+
+
+def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize uint8 (H, W, 3) so the shorter side is exactly `size`, keeping the aspect ratio (longer side
+    rounded). Antialiased: PIL's bicubic filter widens its support when downscaling, and `reducing_gap=None`
+    keeps it exact (no JPEG-style box pre-reduction). An image already at `size` is returned as is."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    height, width = image.shape[:2]
+    if min(height, width) == size:
+        return image
+    scale = size / min(height, width)
+    if height <= width:
+        new_height, new_width = size, max(size, round(width * scale))
+    else:
+        new_height, new_width = max(size, round(height * scale)), size
+    resized = Image.fromarray(image).resize(
+        (new_width, new_height), Image.Resampling.BICUBIC, reducing_gap=None
+    )
+    return np.array(resized)  # np.asarray of a PIL image is read-only
+
+
+def to_model_input(images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) (an array or a list of (H, W, 3)) -> float32 (B, 3, H, W) in [-1, 1]."""
+    batch = np.stack(images) if isinstance(images, (list, tuple)) else np.asarray(images)
+    if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[3] != 3:
+        raise ValueError(f"expected uint8 (B, H, W, 3) images, got {batch.dtype} {batch.shape}")
+    # channels first while still uint8 (a quarter of the bytes to move), then scale in place
+    channels_first = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+    if not channels_first.flags.writeable:  # torch warns on (and must not alias) read-only arrays
+        channels_first = channels_first.copy()
+    return torch.from_numpy(channels_first).to(torch.float32).div_(127.5).sub_(1.0)

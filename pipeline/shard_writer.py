@@ -1,0 +1,110 @@
+"""Writing WebDataset tar shards (plain, gzip or zstd) to any fsspec URL, byte-for-byte reproducibly."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import tarfile
+import tempfile
+import uuid
+from collections.abc import Iterable
+from typing import Any, BinaryIO
+
+import numpy as np
+import zstandard
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+_COMPRESSIONS = {None: None, "none": None, "gz": "gzip", "gzip": "gzip", "zst": "zstd", "zstd": "zstd"}
+ZSTD_LEVEL = 3
+
+
+def write_shard(url: str, samples: Iterable[dict[str, Any]], *, compression: str | None = None) -> int:
+    """Write `samples` as a WebDataset tar to `url`; returns the number of samples written.
+
+    Each sample is a dict with "__key__" and extension -> value entries, written as members "<key>.<ext>"
+    in dict order (other "__" entries are ignored). Values: bytes as is, str as UTF-8, int as ASCII
+    digits (e.g. "cls"), dict / list as JSON. `compression` ("gz", "zst" or "none") is inferred from the
+    extension (.tar.gz / .tgz / .tar.zst / .tar.zstd) when None. Members have mtime 0, mode 0o444 and no
+    owner, so equal samples give equal bytes. A local file appears only once complete (written under a
+    temporary name, then renamed); a remote object is uploaded once, after the tar is complete.
+    """
+    kind = _compression_for(url, compression)
+    fs, path = url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        directory = os.path.dirname(path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            with open(temporary, "wb") as f:
+                count = _write_tar(f, samples, kind)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        return count
+    with tempfile.TemporaryFile() as f:
+        count = _write_tar(f, samples, kind)
+        f.seek(0)
+        with fs.open(path, "wb") as out:
+            while chunk := f.read(16 * 1024 * 1024):
+                out.write(chunk)
+    return count
+
+
+def _compression_for(url: str, compression: str | None) -> str | None:
+    if compression is not None:
+        if compression.lower() not in _COMPRESSIONS:
+            raise ValueError(f"compression must be one of gz, zst, none; got {compression!r}")
+        return _COMPRESSIONS[compression.lower()]
+    lowered = url.lower()
+    if lowered.endswith((".tar.gz", ".tgz")):
+        return "gzip"
+    if lowered.endswith((".tar.zst", ".tar.zstd")):
+        return "zstd"
+    return None
+
+
+def _write_tar(raw: BinaryIO, samples: Iterable[dict[str, Any]], kind: str | None) -> int:
+    if kind == "gzip":
+        # mtime=0 and no file name in the gzip header: the same tar gives the same .tar.gz bytes
+        sink = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)
+    elif kind == "zstd":
+        sink = zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(raw, closefd=False)
+    else:
+        sink = raw
+    count = 0
+    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for sample in samples:
+            key = sample["__key__"]
+            for ext, value in sample.items():
+                if ext.startswith("__"):
+                    continue
+                data = _member_bytes(value, f"{key}.{ext}")
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o444
+                info.uname = info.gname = ""
+                info.uid = info.gid = 0
+                tar.addfile(info, io.BytesIO(data))
+            count += 1
+    if sink is not raw:
+        sink.close()
+    raw.flush()
+    return count
+
+
+def _member_bytes(value: Any, name: str) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(int(value)).encode("ascii")
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    raise TypeError(f"member {name!r}: cannot write a {type(value).__name__} (give bytes, str, int or JSON)")

@@ -1,0 +1,91 @@
+"""Token files: the Parquet schema and `gq` metadata of DESIGN.md, and atomic writes to any fsspec URL."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+METADATA_KEY = b"gq"
+
+
+def token_type(codebook_size: int) -> pa.DataType:
+    """uint16 while every index fits (K <= 65536), else uint32."""
+    return pa.uint16() if codebook_size <= 65536 else pa.uint32()
+
+
+def token_schema(tokens_per_image: int, codebook_size: int, metadata: dict | None = None) -> pa.Schema:
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("index", pa.int32(), nullable=False),
+        pa.field("label", pa.int64(), nullable=True),
+        pa.field("tokens", pa.list_(token_type(codebook_size), tokens_per_image), nullable=False),
+    ]
+    meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()} if metadata is not None else None
+    return pa.schema(fields, metadata=meta)
+
+
+def token_table(
+    keys: list[str],
+    shard: str,
+    indices: list[int],
+    labels: list[int | None],
+    tokens: np.ndarray,
+    codebook_size: int,
+    metadata: dict,
+) -> pa.Table:
+    """Rows of one shard; `tokens` is (rows, tokens_per_image) in raster order (row, column, group)."""
+    n, length = tokens.shape
+    np_type = np.uint16 if codebook_size <= 65536 else np.uint32
+    if n and (tokens.min() < 0 or tokens.max() >= codebook_size):
+        raise ValueError(f"token values outside [0, {codebook_size})")
+    flat = pa.array(np.ascontiguousarray(tokens, dtype=np_type).reshape(-1), type=token_type(codebook_size))
+    schema = token_schema(length, codebook_size, metadata)
+    return pa.Table.from_arrays(
+        [
+            pa.array(keys, pa.string()),
+            pa.array([shard] * n, pa.string()),
+            pa.array(indices, pa.int32()),
+            pa.array(labels, pa.int64()),
+            pa.FixedSizeListArray.from_arrays(flat, length),
+        ],
+        schema=schema,
+    )
+
+
+def parquet_bytes(table: pa.Table, row_group_size: int = 1024) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
+    return buf.getvalue()
+
+
+def write_atomic(url: str, data: bytes) -> None:
+    """Local paths: temporary name, fsync, rename. Object stores: one PUT, which is atomic there."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_metadata(url: str) -> dict:
+    """The `gq` metadata of a token file."""
+    with fsspec.open(url, "rb") as f:
+        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    if METADATA_KEY not in meta:
+        raise ValueError(f"{url}: not a gq token file (no 'gq' metadata)")
+    return json.loads(meta[METADATA_KEY])

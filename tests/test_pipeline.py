@@ -1,0 +1,158 @@
+"""The shard processor without Ray: tokens equal the model's own, metadata complete, bad input accounted."""
+
+import hashlib
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from shardmaker import bad_input_samples, make_shard
+
+import gq
+from pipeline.decode import DecodeLimits, decode_image
+from pipeline.manifest import read_manifest
+from pipeline.prefetch import ordered_map
+from pipeline.preprocess import preprocess
+from pipeline.shard_writer import write_shard
+from pipeline.tokenizer import ShardTokenizer, TokenizeOptions
+from pipeline.writer import read_metadata
+
+OPTS = TokenizeOptions(image_size=64, batch_size=4, decode_threads=2)
+
+
+def reference_tokens(tar_path, checkpoint, image_size=64, batch_size=4):
+    """Independent path: tarfile + decode_image + preprocess, then the model, batch by batch."""
+    images, keys = [], []
+    with tarfile.open(tar_path) as tar:
+        for m in tar.getmembers():
+            if m.name.endswith(".jpg"):
+                keys.append(m.name[: -len(".jpg")])
+                images.append(preprocess(decode_image(tar.extractfile(m).read()), image_size))
+    model = gq.load(checkpoint)
+    out = [
+        model.tokenize(torch.from_numpy(np.stack(images[i : i + batch_size]))).reshape(-1, 64).numpy()
+        for i in range(0, len(images), batch_size)
+    ]
+    return keys, np.concatenate(out)
+
+
+def test_ordered_map_keeps_order_and_bounds_reads():
+    read = []
+
+    def items():
+        for i in range(50):
+            read.append(i)
+            yield i
+
+    it = ordered_map(lambda x: x * x, items(), threads=3, window=5)
+    assert next(it) == 0
+    assert len(read) <= 5  # never more than the window read ahead of the consumer
+    assert list(it) == [i * i for i in range(1, 50)]
+    assert list(ordered_map(str, range(4), threads=0, window=1)) == ["0", "1", "2", "3"]
+
+
+def test_tokens_equal_model_tokenize(tmp_path, small_checkpoint):
+    shard = tmp_path / "train-000000.tar"
+    keys = make_shard(str(shard), 10, seed=1, size=(96, 128))
+    record = ShardTokenizer(small_checkpoint, OPTS).process(str(shard), str(tmp_path / "out"))
+    table = pq.read_table(tmp_path / "out" / "train-000000.parquet")
+    ref_keys, ref_tokens = reference_tokens(shard, small_checkpoint)
+    assert table["key"].to_pylist() == keys == ref_keys
+    assert table["index"].to_pylist() == list(range(10))
+    assert table["shard"].to_pylist() == ["train-000000"] * 10
+    assert all(isinstance(v, int) for v in table["label"].to_pylist())
+    np.testing.assert_array_equal(np.stack(table["tokens"].to_pylist()), ref_tokens)
+    assert record["rows"] == 10 and record["skipped"] == [] and not record["tar_truncated"]
+    assert read_manifest(str(tmp_path / "out"), "train-000000") == json.loads(json.dumps(record))
+
+
+def test_metadata_is_complete(tmp_path, small_checkpoint):
+    shard = tmp_path / "s.tar"
+    make_shard(str(shard), 2, seed=2)
+    ShardTokenizer(small_checkpoint, OPTS).process(str(shard), str(tmp_path / "out"))
+    meta = read_metadata(str(tmp_path / "out" / "s.parquet"))
+    with open(small_checkpoint, "rb") as f:
+        assert meta["model_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert meta["codebook"] == {"kind": "sobol", "size": 65536, "dim": 16, "seed": 42}
+    assert meta["codebook_fingerprint"] == gq.GaussianCodebook(65536, 16, seed=42).fingerprint
+    assert (meta["groups"], meta["layout"], meta["rule"], meta["beta"]) == (
+        1,
+        "interleaved",
+        "posterior",
+        1.0,
+    )
+    assert meta["token_grid"] == [8, 8] and meta["tokens_per_image"] == 64 and meta["image_size"] == 64
+    assert meta["preprocessing"]["min_side"] == 64 and meta["preprocessing"]["crop"] == "center"
+    assert gq.ModelConfig.from_dict(meta["model_config"]) == gq.load(small_checkpoint).config
+    assert meta["gq_version"] == gq.__version__
+
+
+def test_bad_input_every_sample_is_a_row_or_a_reasoned_skip(tmp_path, small_checkpoint):
+    samples, expected = bad_input_samples()
+    shard = tmp_path / "bad.tar"
+    write_shard(str(shard), samples)
+    record = ShardTokenizer(small_checkpoint, OPTS).process(str(shard), str(tmp_path / "out"))
+    table = pq.read_table(tmp_path / "out" / "bad.parquet")
+    rows = table["key"].to_pylist()
+    skipped = {s["key"]: s["reason"] for s in record["skipped"]}
+    for key, reason in expected.items():
+        if reason is None:
+            assert key in rows, f"{key} should be a row, skipped: {skipped.get(key)}"
+        else:
+            assert skipped.get(key) == reason, f"{key}: expected skip {reason!r}, got {skipped.get(key)!r}"
+    # The duplicate key appears once as a row and once as a skip: every sample is accounted for.
+    assert len(rows) + len(record["skipped"]) == len(samples)
+    assert len(set(rows)) == len(rows)
+    assert record["skipped_by_reason"] == {
+        r: sum(1 for s in record["skipped"] if s["reason"] == r) for r in set(skipped.values())
+    }
+
+
+def test_tar_cut_mid_member_keeps_earlier_samples(tmp_path, small_checkpoint):
+    shard = tmp_path / "cut.tar"
+    keys = make_shard(str(shard), 6, seed=3)
+    data = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    # Cut inside the 4th sample's image: 3 whole samples survive.
+    target = [m for m in members if m.name.endswith(".jpg")][3]
+    shard.write_bytes(data[: target.offset_data + target.size // 2])
+    record = ShardTokenizer(small_checkpoint, OPTS).process(str(shard), str(tmp_path / "out"))
+    table = pq.read_table(tmp_path / "out" / "cut.parquet")
+    assert table["key"].to_pylist() == keys[:3]
+    assert record["tar_truncated"]
+    assert "tar truncated" in record["skipped_by_reason"]
+
+
+def test_uint32_tokens_and_groups(tmp_path):
+    torch.manual_seed(1)
+    model = gq.GQVAE(gq.model_config("small-f8c16", 1.0, codebook_size=1 << 17))
+    ckpt = str(tmp_path / "k17.safetensors")
+    gq.save(model, ckpt)
+    shard = tmp_path / "g.tar"
+    make_shard(str(shard), 3, seed=4)
+    ShardTokenizer(ckpt, OPTS).process(str(shard), str(tmp_path / "out"))
+    table = pq.read_table(tmp_path / "out" / "g.parquet")
+    assert table.schema.field("tokens").type == pa.list_(pa.uint32(), 256)
+    with tarfile.open(shard) as tar:
+        jpgs = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+    x = torch.from_numpy(np.stack([preprocess(decode_image(b), 64) for b in jpgs]))
+    expected = gq.load(ckpt).tokenize(x)  # (B, 8, 8, 4): raster order is row, column, group
+    np.testing.assert_array_equal(np.stack(table["tokens"].to_pylist()), expected.reshape(3, -1).numpy())
+
+
+def test_image_size_must_fit_the_model(small_checkpoint):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ShardTokenizer(small_checkpoint, TokenizeOptions(image_size=60))
+
+
+def test_limits_are_options(tmp_path, small_checkpoint):
+    shard = tmp_path / "s.tar"
+    make_shard(str(shard), 3, seed=5, size=(96, 128))
+    opts = TokenizeOptions(image_size=64, batch_size=2, limits=DecodeLimits(min_side=100))
+    record = ShardTokenizer(small_checkpoint, opts).process(str(shard), str(tmp_path / "out"))
+    assert record["rows"] == 0 and record["skipped_by_reason"] == {"too small": 3}
+    assert pq.read_table(tmp_path / "out" / "s.parquet").num_rows == 0

@@ -1,0 +1,252 @@
+"""jobs/tokenize.py end to end on a real local Ray: tokens, resume, refusal, kills, and an S3 object store."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+from shardmaker import bad_input_samples, make_shard
+
+import gq
+from pipeline.shard_writer import write_shard
+from pipeline.tokenizer import ShardTokenizer, TokenizeOptions
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64
+pytestmark = pytest.mark.slow
+
+
+def job_cmd(inp, out, ckpt, *extra):
+    return [
+        sys.executable, str(REPO / "jobs" / "tokenize.py"), "--input", str(inp), "--output", str(out),
+        "--checkpoint", str(ckpt), "--image-size", str(SIZE), "--batch-size", "4", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def run(cmd, env=None, timeout=240):
+    return subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True
+    )
+
+
+def reference(shards, ckpt, size=SIZE):
+    """Tokens of an uninterrupted in-process run: stem -> (keys, tokens)."""
+    worker = ShardTokenizer(ckpt, TokenizeOptions(image_size=size, batch_size=4))
+    out = {}
+    for s in shards:
+        r = worker.tokenize_shard(str(s))
+        out[r.stem] = (r.keys, r.tokens)
+    return out
+
+
+def assert_tokens_match(out_dir, expected):
+    committed = sorted(p.stem for p in (Path(out_dir) / "_manifest").glob("*.json"))
+    assert committed == sorted(expected)
+    for stem, (keys, tokens) in expected.items():
+        table = pq.read_table(Path(out_dir) / f"{stem}.parquet")
+        assert table["key"].to_pylist() == keys, stem  # every sample exactly once, in shard order
+        np.testing.assert_array_equal(np.stack(table["tokens"].to_pylist()).reshape(len(keys), -1), tokens)
+
+
+def wait_for_commits(out_dir, n, proc, timeout=180):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        d = Path(out_dir) / "_manifest"
+        found = sorted(d.glob("*.json")) if d.exists() else []
+        if len(found) >= n:
+            return found
+        if proc.poll() is not None:
+            raise AssertionError(f"job ended before {n} commits: {proc.communicate()}")
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for commits")
+
+
+def kill_group(proc):
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def shards(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    paths = []
+    for i in range(3):
+        make_shard(str(d / f"train-{i:06d}.tar"), 6, seed=10 + i, start_key=100 * i)
+        paths.append(d / f"train-{i:06d}.tar")
+    samples, _ = bad_input_samples()
+    write_shard(str(d / "train-000003.tar.zst"), samples)
+    paths.append(d / "train-000003.tar.zst")
+    return paths
+
+
+def test_job_tokens_resume_refusal_overwrite(tmp_path, shards, small_checkpoint):
+    out = tmp_path / "tokens"
+    spec = str(shards[0].parent)  # a directory of shards (.tar and .tar.zst)
+    res = run(job_cmd(spec, out, small_checkpoint, "--actors", "2", "--cpus-per-actor", "1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "4/4 committed" in res.stdout
+    expected = reference(shards, small_checkpoint)
+    assert_tokens_match(out, expected)
+    # Independent readers see every row.
+    total = sum(len(k) for k, _ in expected.values())
+    assert ds.dataset(str(out), format="parquet").count_rows() == total
+    got = duckdb.connect().execute(
+        f"SELECT count(*), count(DISTINCT key) FROM read_parquet('{out}/*.parquet')"
+    )
+    assert got.fetchone() == (total, total)
+    run_record = json.loads((out / "_run.json").read_text())
+    assert run_record["model_sha256"] == gq.describe(small_checkpoint)["model_sha256"]
+    bad = json.loads((out / "_manifest" / "train-000003.json").read_text())
+    assert bad["skipped"] and all(s["reason"] for s in bad["skipped"])
+
+    # Resume: nothing left to do, files untouched.
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    res = run(job_cmd(spec, out, small_checkpoint))
+    assert res.returncode == 0 and "4 before this run, 0 now" in res.stdout, res.stdout + res.stderr[-2000:]
+    assert mtimes == {p: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+
+    # A different model into the same DIR is refused (exit 2) unless --on-existing overwrite.
+    torch.manual_seed(7)
+    other = str(tmp_path / "other.safetensors")
+    gq.save(gq.GQVAE(gq.model_config("small-f8c16", 0.25)), other)
+    res = run(job_cmd(spec, out, other))
+    assert res.returncode == 2 and "model_sha256" in res.stderr
+    res = run(job_cmd(spec, out, other, "--on-existing", "overwrite"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_tokens_match(out, reference(shards, other))
+
+
+def test_bad_arguments_exit_2(tmp_path, small_checkpoint):
+    res = run(job_cmd(tmp_path / "nothing-{0..3}.tar", tmp_path / "o", small_checkpoint))
+    assert res.returncode == 2 and "error" in res.stderr
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 100)
+    make_shard(str(tmp_path / "a.tar"), 1, seed=0)
+    res = run(job_cmd(tmp_path / "a.tar", tmp_path / "o", junk))
+    assert res.returncode == 2 and "not a safetensors file" in res.stderr
+    res = run(job_cmd(tmp_path / "a.tar", tmp_path / "o", small_checkpoint, "--batch-size", "0"))
+    assert res.returncode == 2
+
+
+@pytest.fixture
+def many_shards(tmp_path):
+    d = tmp_path / "many"
+    d.mkdir()
+    for i in range(16):
+        make_shard(str(d / f"part-{i:06d}.tar"), 12, seed=100 + i, start_key=1000 * i)
+    return sorted(d.glob("*.tar"))
+
+
+def test_sigkill_driver_then_resume(tmp_path, many_shards, small_checkpoint):
+    out = tmp_path / "tokens"
+    cmd = job_cmd(many_shards[0].parent, out, small_checkpoint, "--image-size", "128")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        wait_for_commits(out, 2, proc)
+    finally:
+        kill_group(proc)
+    committed = len(list((out / "_manifest").glob("*.json")))
+    assert committed < len(many_shards), (
+        "the job finished before the kill; the test needs more work per shard"
+    )
+    res = run(cmd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{committed} before this run" in res.stdout
+    assert_tokens_match(out, reference(many_shards, small_checkpoint, size=128))
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_sigkill_actor_is_replaced(tmp_path, many_shards, small_checkpoint):
+    out = tmp_path / "tokens"
+    cmd = job_cmd(many_shards[0].parent, out, small_checkpoint, "--image-size", "128")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        first = wait_for_commits(out, 1, proc)[0]
+        os.kill(json.loads(first.read_text())["worker"]["pid"], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "actors replaced" in stdout and "16/16 committed" in stdout
+    pids = {json.loads(p.read_text())["worker"]["pid"] for p in (out / "_manifest").glob("*.json")}
+    assert len(pids) == 2  # the killed actor and its replacement
+    assert_tokens_match(out, reference(many_shards, small_checkpoint, size=128))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    """A moto S3 server on 127.0.0.1 and the environment that points fsspec/boto at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield env
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+def test_object_store_input_and_output(tmp_path, s3_env, small_checkpoint):
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("gq-test")
+    local = []
+    for i in range(2):
+        p = tmp_path / f"train-{i:06d}.tar.gz"
+        make_shard(str(p), 5, seed=30 + i, start_key=10 * i)
+        fs.put(str(p), f"gq-test/shards/{p.name}")
+        local.append(p)
+    fs.put(small_checkpoint, "gq-test/model.safetensors")
+    res = run(
+        job_cmd("s3://gq-test/shards/train-{000000..000001}.tar.gz", "s3://gq-test/tokens",
+                "s3://gq-test/model.safetensors"),
+        env=os.environ.copy(),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls("gq-test/tokens"))
+    assert names == ["_manifest", "_run.json", "train-000000.parquet", "train-000001.parquet"]
+    expected = reference(local, small_checkpoint)
+    for stem, (keys, tokens) in expected.items():
+        with fs.open(f"gq-test/tokens/{stem}.parquet", "rb") as f:
+            table = pq.read_table(f)
+        assert table["key"].to_pylist() == keys
+        np.testing.assert_array_equal(np.stack(table["tokens"].to_pylist()), tokens)
