@@ -7,6 +7,7 @@ progress bar shows shards done, images/s, ETA and samples skipped.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections import Counter, deque
@@ -56,6 +57,7 @@ class JobSummary:
     retried: int = 0
     actor_restarts: int = 0
     seconds: float = 0.0
+    startup_seconds: float = 0.0  # until every actor had loaded its model
 
     @property
     def exit_code(self) -> int:
@@ -186,6 +188,9 @@ def run_job(settings: JobSettings, shards: list[str], run: dict) -> JobSummary:
         mininterval=0.5 if sys.stderr.isatty() else 10.0,
     )
     try:
+        with contextlib.suppress(RayActorError):  # an actor that cannot start fails its shards below
+            ray.get([a.pid.remote() for a in actors])  # the actors are up, their models loaded
+        summary.startup_seconds = time.perf_counter() - t0
         for slot in range(n_actors):
             feed(slot)
         while inflight:

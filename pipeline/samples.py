@@ -74,7 +74,7 @@ def iter_samples(stream: BinaryIO, *, shard: str = "") -> Iterator[Sample | Skip
     reader = _TarReader(stream)
     seen: dict[str, int] = {}
     group: Sample | None = None
-    first_index = -1  # index of the first group with the current key, when the current group is a duplicate
+    first_index = -1  # index of the first group with the current key (< group.index: a duplicate)
     next_index = 0
     for name, data in reader.members():
         split = _split_name(name)

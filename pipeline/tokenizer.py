@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import threading
 import time
 from collections import Counter
@@ -23,6 +24,11 @@ from pipeline.prefetch import ordered_map
 from pipeline.samples import Skip, iter_samples
 from pipeline.shards import open_shard, shard_stem
 from pipeline.writer import parquet_bytes, token_table, write_atomic
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark (Linux ru_maxrss is in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 @dataclass(frozen=True)
@@ -208,7 +214,7 @@ class ShardTokenizer:
             "model_sha256": meta["model_sha256"],
             "codebook_fingerprint": meta["codebook_fingerprint"],
             "gq_version": gq.__version__,
-            "worker": {"pid": os.getpid(), "device": str(self.device)},
+            "worker": {"pid": os.getpid(), "device": str(self.device), "peak_rss_mb": peak_rss_mb()},
             "committed_at": time.time(),
         }
         write_manifest(output, result.stem, record)

@@ -1,0 +1,279 @@
+import io
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+from shardmaker import (
+    HAS_WEBP,
+    bad_input_samples,
+    exif_rotated_jpeg,
+    jpeg_bytes,
+    photo_like,
+    png_bytes,
+    png_declaring,
+    png_with_bad_pixels,
+    webp_bytes,
+)
+
+from pipeline import decode
+from pipeline.decode import (
+    CORRUPT,
+    DUPLICATE,
+    EMPTY,
+    NO_IMAGE,
+    NOT_IMAGE,
+    TAR_TRUNCATED,
+    TOO_MANY_PIXELS,
+    TOO_SMALL,
+    TRUNCATED,
+    Decoded,
+    DecodeLimits,
+    SkipSample,
+    decode_image,
+    decode_sample,
+    find_image,
+    label_of,
+)
+from pipeline.samples import Sample, Skip, iter_samples
+from pipeline.shard_writer import write_shard
+from pipeline.shards import open_shard
+
+LIMITS = DecodeLimits()
+
+
+def members_of(key):
+    samples, _ = bad_input_samples()
+    return next(s for s in samples if s["__key__"] == key)
+
+
+def decoded_member(key, ext):
+    data = members_of(key)[ext]
+    return decode_image(data if isinstance(data, bytes) else str(data).encode())
+
+
+def test_reason_strings_are_the_documented_ones():
+    assert (decode.TRUNCATED, decode.CORRUPT, decode.EMPTY, decode.NOT_IMAGE, decode.NO_IMAGE) == (
+        "truncated image",
+        "corrupt image",
+        "empty member",
+        "not an image",
+        "no image member",
+    )
+    assert (
+        decode.DUPLICATE,
+        decode.TOO_SMALL,
+        decode.ASPECT,
+        decode.TOO_MANY_PIXELS,
+        decode.TAR_TRUNCATED,
+    ) == (
+        "duplicate key",
+        "too small",
+        "aspect ratio",
+        "too many pixels",
+        "tar truncated",
+    )
+    assert len(set(decode.REASONS)) == 10
+
+
+@pytest.mark.parametrize("ext", [".tar", ".tar.zst"])
+def test_every_bad_input_case_end_to_end(tmp_path, ext):
+    samples, expected = bad_input_samples()
+    url = str(tmp_path / f"bad{ext}")
+    write_shard(url, samples)
+    with open_shard(url) as stream:
+        outcomes = [
+            decode_sample(s, image_size=64, limits=LIMITS) if isinstance(s, Sample) else s
+            for s in iter_samples(stream, shard="bad")
+        ]
+    assert [o.index for o in outcomes] == list(range(len(samples)))  # every sample accounted for, in order
+    assert [o.key for o in outcomes] == [s["__key__"] for s in samples]
+    seen = Counter()
+    for outcome in outcomes:
+        seen[outcome.key] += 1
+        want = None if (outcome.key == "dup" and seen["dup"] == 1) else expected[outcome.key]
+        if want is None:
+            assert isinstance(outcome, Decoded), outcome
+            assert outcome.image.shape == (64, 64, 3) and outcome.image.dtype == np.uint8
+        else:
+            assert isinstance(outcome, Skip) and outcome.reason == want, (outcome, want)
+    labels = {o.key: o.label for o in outcomes if isinstance(o, Decoded)}
+    assert labels["good"] == 1 and labels["png16"] == 3
+
+
+def test_cmyk_jpeg_keeps_its_color():
+    image = decoded_member("cmyk", "jpg")
+    assert image.shape == (80, 96, 3)
+    r, g, b = image.reshape(-1, 3).mean(axis=0)
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_grayscale_jpeg_becomes_three_equal_channels():
+    image = decoded_member("grayscale", "jpg")
+    assert image.shape == (96, 128, 3)
+    assert np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2])
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped():
+    image = decoded_member("png16", "png")
+    assert image.shape == (80, 256, 3)
+    row = image[0, :, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 255  # 65535 -> 255
+    assert np.all(np.diff(row) >= 0)
+    assert abs(row[128] - 128) <= 1  # a gradient, not a step at 255
+    assert np.abs(row - np.linspace(0, 255, 256)).max() <= 1
+
+
+def test_alpha_png_is_composited_on_white():
+    image = decoded_member("alpha_png", "png")
+    assert tuple(image[10, 5]) == (255, 255, 255)  # fully transparent black -> white
+    assert tuple(image[10, 90]) == (255, 0, 0)  # opaque red stays red
+    half = np.zeros((80, 80, 4), np.uint8)
+    half[...] = (0, 0, 0, 128)
+    assert tuple(decode_image(png_bytes(half))[0, 0]) == (127, 127, 127)  # half black on white
+
+
+def test_palette_png_with_transparency_is_composited_on_white():
+    image = decoded_member("palette_transparency", "png")
+    assert tuple(image[10, 5]) == (255, 255, 255)
+    assert tuple(image[10, 90]) == (0, 0, 255)
+
+
+def test_other_modes_convert():
+    photo = photo_like(11, 80, 90)
+    gray_alpha = Image.fromarray(photo[..., 0]).convert("LA")
+    assert decode_image(png_bytes(gray_alpha)).shape == (80, 90, 3)
+    rgb_with_key = Image.fromarray(photo)  # tRNS colour key on an RGB PNG
+    key_color = tuple(int(v) for v in photo[0, 0])
+    image = decode_image(png_bytes(rgb_with_key, transparency=key_color))
+    assert tuple(image[0, 0]) == (255, 255, 255)
+    bilevel = Image.fromarray(photo[..., 0] > 128)
+    assert decode_image(png_bytes(bilevel)).shape == (80, 90, 3)
+    for fmt in ("GIF", "BMP", "TIFF"):
+        buffer = io.BytesIO()
+        Image.fromarray(photo).save(buffer, format=fmt)
+        assert decode_image(buffer.getvalue()).shape == (80, 90, 3), fmt
+
+
+def test_exif_orientation_is_applied():
+    stored = exif_rotated_jpeg(100, 200, orientation=6)
+    assert Image.open(io.BytesIO(stored)).size == (200, 100)
+    image = decode_image(stored)
+    assert image.shape == (200, 100, 3)
+    # orientation 6 shows the stored top-left corner at the top right
+    assert image[10, 90, 0] > 200 and image[10, 90, 1] < 60
+    assert image[10, 10, 0] < 200 or image[10, 10, 1] > 60
+    assert decode_image(exif_rotated_jpeg(100, 200, orientation=1)).shape == (100, 200, 3)
+    assert decode_image(exif_rotated_jpeg(100, 200, orientation=3)).shape == (100, 200, 3)
+
+
+def test_decompression_bombs_are_rejected_from_the_header_fast():
+    for width, height in [(100_000, 100_000), (8000, 6000)]:
+        data = png_declaring(width, height)
+        start = time.perf_counter()
+        with pytest.raises(SkipSample) as info:
+            decode_image(data)
+        assert time.perf_counter() - start < 1.0
+        assert info.value.reason == TOO_MANY_PIXELS
+    # the limit is ours: a lower max_pixels applies before any decoding
+    with pytest.raises(SkipSample, match=TOO_MANY_PIXELS):
+        decode_image(jpeg_bytes(photo_like(1, 96, 128)), DecodeLimits(max_pixels=96 * 128 - 1))
+
+
+def test_truncation_and_corruption_are_told_apart():
+    photo = photo_like(12, 96, 128)
+    cases = {
+        "jpeg": jpeg_bytes(photo),
+        "progressive jpeg": jpeg_bytes(photo, progressive=True),
+        "png": png_bytes(photo),
+    }
+    if HAS_WEBP:
+        cases["webp"] = webp_bytes(photo)
+    for name, data in cases.items():
+        for fraction in (0.1, 0.5, 0.9):
+            with pytest.raises(SkipSample) as info:
+                decode_image(data[: int(len(data) * fraction)])
+            assert info.value.reason == TRUNCATED, (name, fraction, info.value)
+    with pytest.raises(SkipSample) as info:
+        decode_image(png_with_bad_pixels(photo))
+    assert info.value.reason == CORRUPT
+    with pytest.raises(SkipSample) as info:
+        decode_image(b"\xff\xd8\xff\xe0" + b"\x00" * 40 + b"\xff\xd9")  # JPEG magic, complete, garbage
+    assert info.value.reason == CORRUPT
+
+
+def test_empty_and_non_images():
+    with pytest.raises(SkipSample) as info:
+        decode_image(b"")
+    assert info.value.reason == EMPTY
+    for data in [b"plain text", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n", b"\x00" * 100]:
+        with pytest.raises(SkipSample) as info:
+            decode_image(data)
+        assert info.value.reason == NOT_IMAGE, data
+
+
+def test_limits_are_options():
+    tiny = jpeg_bytes(photo_like(3, 20, 20))
+    with pytest.raises(SkipSample, match=TOO_SMALL):
+        decode_image(tiny)
+    assert decode_image(tiny, DecodeLimits(min_side=16)).shape == (20, 20, 3)
+    wide = jpeg_bytes(photo_like(4, 100, 800))
+    assert decode_image(wide, DecodeLimits(max_aspect=8)).shape == (100, 800, 3)
+    with pytest.raises(ValueError):
+        DecodeLimits(min_side=0)
+
+
+def test_find_image_by_extension_then_content():
+    jpeg = jpeg_bytes(photo_like(1, 70, 70))
+    assert find_image({"cls": b"1", "JPG": jpeg}) == ("JPG", jpeg)
+    assert find_image({"png": b"x", "jpg": b"y"}) == ("jpg", b"y")  # preference order, bad bytes still chosen
+    assert find_image({"txt": b"BMW parked outside", "bin": jpeg}) == ("bin", jpeg)
+    assert find_image({"data": png_bytes(photo_like(1, 70, 70))})[0] == "data"
+    for members in [{"cls": b"1", "json": b"{}", "txt": b"BM" + b"\x00" * 40}, {}]:
+        with pytest.raises(SkipSample) as info:
+            find_image(members)
+        assert info.value.reason == NO_IMAGE
+
+
+def test_label_of():
+    assert label_of({"cls": b" 42\n"}) == 42
+    assert label_of({"CLS": b"7"}) == 7
+    assert label_of({"cls": b"cat"}) is None
+    assert label_of({"cls": b"\xff"}) is None
+    assert label_of({"jpg": b""}) is None
+
+
+def test_decode_sample_center_and_training_crops():
+    photo = photo_like(5, 96, 160)
+    sample = Sample("k", 3, {"jpg": png_bytes(photo), "cls": b"4"})
+    center = decode_sample(sample, image_size=96, limits=LIMITS)
+    assert (center.key, center.index, center.label) == ("k", 3, 4)
+    assert np.array_equal(center.image, photo[:, 32:128])
+    first = decode_sample(sample, image_size=64, limits=LIMITS, train_rng=np.random.default_rng(1))
+    again = decode_sample(sample, image_size=64, limits=LIMITS, train_rng=np.random.default_rng(1))
+    assert np.array_equal(first.image, again.image) and first.image.shape == (64, 64, 3)
+    skip = decode_sample(Sample("bad", 9, {"jpg": b"", "cls": b"1"}), image_size=64, limits=LIMITS)
+    assert skip == Skip("bad", 9, EMPTY, ".jpg: 0 bytes")
+
+
+def test_duplicate_and_tar_reasons_are_reexported():
+    assert DUPLICATE == "duplicate key" and TAR_TRUNCATED == "tar truncated"
+
+
+def test_decoding_from_threads_matches_sequential():
+    samples, _ = bad_input_samples()
+    items = [
+        Sample(s["__key__"], i, {k: v for k, v in s.items() if isinstance(v, bytes)})
+        for i, s in enumerate(samples)
+    ]
+    items = items * 4
+
+    def run(sample):
+        out = decode_sample(sample, image_size=64, limits=LIMITS)
+        return (out.reason, "") if isinstance(out, Skip) else (None, out.image.tobytes())
+
+    sequential = [run(s) for s in items]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(run, items)) == sequential
