@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ sys.path.insert(0, str(REPO))
 import gq  # noqa: E402
 from pipeline.decode import Decoded, decode_sample  # noqa: E402
 from pipeline.manifest import read_manifest  # noqa: E402
+from pipeline.memory import peak_rss_mib  # noqa: E402
 from pipeline.samples import iter_samples  # noqa: E402
 from pipeline.shard_writer import write_shard  # noqa: E402
 from pipeline.shards import expand_shards, open_shard, shard_stem  # noqa: E402
@@ -121,7 +121,9 @@ def pipeline_child(args: argparse.Namespace) -> None:
 
     from pipeline.driver import JobSettings, plan, prepare_output, run_job
 
-    opts = TokenizeOptions(image_size=args.image_size, batch_size=args.batch_size, decode_threads=2)
+    opts = TokenizeOptions(
+        image_size=args.image_size, batch_size=args.batch_size, decode_threads=int(args.decode_threads)
+    )
     settings = JobSettings(
         input=args.child_input,
         output=args.child_output,
@@ -136,21 +138,25 @@ def pipeline_child(args: argparse.Namespace) -> None:
         summary = run_job(settings, shards, run)
     finally:
         ray.shutdown()
-    actor_peak = max(read_manifest(args.child_output, shard_stem(u))["worker"]["peak_rss_mb"] for u in shards)
-    driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    records = [read_manifest(args.child_output, shard_stem(u)) for u in shards]
+    actor_peak = max(r["worker"]["peak_rss_mib"] for r in records)
+    # The actor's peak after each shard, in commit order: flat after warm-up means no growth with shards.
+    series = [r["worker"]["peak_rss_mib"] for r in sorted(records, key=lambda r: r["committed_at"])]
+    driver_peak = peak_rss_mib()
     after = summary.seconds - summary.startup_seconds
     print(json.dumps({
         "images": summary.rows, "seconds": summary.seconds, "images_per_s": summary.rows / summary.seconds,
         "startup_seconds": summary.startup_seconds, "images_per_s_after_startup": summary.rows / after,
-        "actor_peak_rss_mb": actor_peak, "driver_peak_rss_mb": round(driver_peak, 1), "shards": len(shards),
+        "actor_peak_rss_mib": actor_peak, "driver_peak_rss_mib": round(driver_peak, 1), "shards": len(shards),
+        "actor_peak_rss_mib_after_each_shard": series,
     }))  # fmt: skip
 
 
-def run_pipeline(args: argparse.Namespace, input_spec: str, output: Path) -> dict:
+def run_pipeline(args: argparse.Namespace, input_spec: str, output: Path, decode_threads: int) -> dict:
     cmd = [
         sys.executable, __file__, "--child-input", input_spec, "--child-output", str(output),
         "--checkpoint", args.checkpoint, "--image-size", str(args.image_size),
-        "--batch-size", str(args.batch_size),
+        "--batch-size", str(args.batch_size), "--decode-threads", str(decode_threads),
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -162,11 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         "--source", default=None, help="shards to take JPEGs from (default: synthetic 500x375 images)"
     )
     p.add_argument("--shards", type=int, default=20, help="shards in the large run")
-    p.add_argument("--per-shard", type=int, default=32, help="images per shard")
+    p.add_argument("--per-shard", type=int, default=16, help="images per shard")
     p.add_argument("--image-size", type=int, default=256, help="tokenized image size")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     p.add_argument("--preset", default="small-f8c16", help="model preset (randomly initialised)")
     p.add_argument("--checkpoint", default=None, help="use this checkpoint instead of a random preset")
+    p.add_argument(
+        "--decode-threads",
+        default="1,0,2",
+        help="pipeline decode threads to measure; the first is the default",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--child-input", help=argparse.SUPPRESS)
     p.add_argument("--child-output", help=argparse.SUPPRESS)
@@ -174,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child_input:
         pipeline_child(args)
         return 0
+    sweep = [int(x) for x in args.decode_threads.split(",")]
+    preset = args.preset if args.checkpoint is None else "given checkpoint"
+
+    import pyarrow.parquet as pq
 
     with tempfile.TemporaryDirectory(prefix="gq-bench-") as tmp:
         tmp = Path(tmp)
@@ -185,43 +200,50 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "shards").mkdir()
         urls = pack_shards(images, tmp / "shards", args.shards, args.per_shard)
         opts = TokenizeOptions(image_size=args.image_size, batch_size=args.batch_size)
-        (tmp / "plain").mkdir()
-        plain = plain_loop(urls, args.checkpoint, opts, tmp / "plain")
-        ray_all = run_pipeline(args, str(tmp / "shards"), tmp / "ray-all")
-        ray_one = run_pipeline(args, urls[0], tmp / "ray-one")
-        # Same tokens both ways (the benchmark would be meaningless otherwise).
-        import pyarrow.parquet as pq
-
-        for u in urls[:3]:
+        # Plain loop before and after the pipeline runs: the two bracket any drift of a shared machine.
+        plain = [plain_loop(urls, args.checkpoint, opts, tmp / "plain")]
+        ray_runs = {t: run_pipeline(args, str(tmp / "shards"), tmp / f"ray-{t}", t) for t in sweep}
+        ray_one = run_pipeline(args, urls[0], tmp / "ray-one", sweep[0])
+        plain.append(plain_loop(urls, args.checkpoint, opts, tmp / "plain"))
+        for u in urls:  # same tokens both ways, or the comparison would mean nothing
             a = pq.read_table(tmp / "plain" / f"{shard_stem(u)}.parquet")["tokens"]
-            b = pq.read_table(tmp / "ray-all" / f"{shard_stem(u)}.parquet")["tokens"]
-            assert a.equals(b), f"pipeline tokens differ from the plain loop on {u}"
+            for t in sweep:
+                b = pq.read_table(tmp / f"ray-{t}" / f"{shard_stem(u)}.parquet")["tokens"]
+                assert a.equals(b), f"pipeline tokens differ from the plain loop on {u}"
+    best_plain = max(r["images_per_s"] for r in plain)
+    default = ray_runs[sweep[0]]
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "preset": args.preset
-        if args.checkpoint is None or "model.safetensors" in args.checkpoint
-        else "given",
+        "preset": preset,
         "source": args.source or "synthetic 500x375 JPEG",
         "images": args.shards * args.per_shard,
+        "shards": args.shards,
         "image_size": args.image_size,
         "batch_size": args.batch_size,
         "plain_loop": plain,
-        "ray_pipeline": ray_all,
+        "ray_pipeline": {str(t): r for t, r in ray_runs.items()},
         "ray_pipeline_1_shard": ray_one,
-        "ratio_pipeline_vs_plain": ray_all["images_per_s"] / plain["images_per_s"],
-        "peak_actor_rss_ratio_all_vs_1": ray_all["actor_peak_rss_mb"] / ray_one["actor_peak_rss_mb"],
+        "ratio_pipeline_vs_best_plain": {str(t): r["images_per_s"] / best_plain for t, r in ray_runs.items()},
+        "peak_actor_rss_ratio_all_vs_1": default["actor_peak_rss_mib"] / ray_one["actor_peak_rss_mib"],
     }
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         print(f"images: {result['images']} ({args.shards} shards x {args.per_shard}), {result['source']}")
-        print(f"plain in-process loop: {plain['images_per_s']:.2f} images/s ({plain['seconds']:.1f} s)")
-        print(f"Ray pipeline, 1 actor: {ray_all['images_per_s']:.2f} images/s ({ray_all['seconds']:.1f} s)")
-        print(f"ratio pipeline / plain: {result['ratio_pipeline_vs_plain']:.3f}")
+        for i, r in enumerate(plain):
+            print(
+                f"plain in-process loop, run {i + 1}: {r['images_per_s']:.2f} images/s ({r['seconds']:.1f} s)"
+            )
+        for t, r in ray_runs.items():
+            ratio = r["images_per_s"] / best_plain
+            print(
+                f"Ray pipeline, 1 actor, {t} decode threads: {r['images_per_s']:.2f} images/s "
+                f"({r['seconds']:.1f} s, {r['startup_seconds']:.1f} s of it actor start) = {ratio:.3f}x plain"
+            )
         print(
-            f"peak RSS, 1 shard vs {args.shards}: actor {ray_one['actor_peak_rss_mb']:.0f} vs "
-            f"{ray_all['actor_peak_rss_mb']:.0f} MiB, driver {ray_one['driver_peak_rss_mb']:.0f} vs "
-            f"{ray_all['driver_peak_rss_mb']:.0f} MiB"
+            f"peak RSS, 1 shard vs {args.shards}: actor {ray_one['actor_peak_rss_mib']:.0f} vs "
+            f"{default['actor_peak_rss_mib']:.0f} MiB, driver {ray_one['driver_peak_rss_mib']:.0f} vs "
+            f"{default['driver_peak_rss_mib']:.0f} MiB"
         )
     return 0
 

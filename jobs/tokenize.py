@@ -51,13 +51,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--cpus-per-actor", type=float, default=None, help="CPUs per actor (default: all CPUs / actors)"
     )
-    p.add_argument("--decode-threads", type=int, default=2, help="image decoding threads per actor")
+    p.add_argument(
+        "--decode-threads",
+        type=int,
+        default=None,
+        help="image decoding threads per actor (default: 1 on CPU actors, 4 on GPU actors)",
+    )
     p.add_argument("--retries", type=int, default=3, help="attempts per shard after the first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary still prints)")
     args = p.parse_args(argv)
     for name in ("image_size", "batch_size", "actors", "min_side", "max_pixels"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.decode_threads is None:
+        args.decode_threads = 1 if args.gpus_per_actor == 0 else 4
     if args.decode_threads < 0 or args.retries < 0 or args.gpus_per_actor < 0 or args.max_aspect < 1:
         p.error("--decode-threads, --retries, --gpus-per-actor must be >= 0 and --max-aspect >= 1")
     return args

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import resource
 import threading
 import time
 from collections import Counter
@@ -18,17 +17,13 @@ import numpy as np
 import torch
 
 import gq
-from pipeline.decode import Decoded, DecodeLimits, decode_sample
+from pipeline.decode import TAR_TRUNCATED, Decoded, DecodeLimits, decode_sample
 from pipeline.manifest import token_url, write_manifest
+from pipeline.memory import peak_rss_mib
 from pipeline.prefetch import ordered_map
 from pipeline.samples import Skip, iter_samples
 from pipeline.shards import open_shard, shard_stem
 from pipeline.writer import parquet_bytes, token_table, write_atomic
-
-
-def peak_rss_mb() -> float:
-    """This process's resident-memory high-water mark (Linux ru_maxrss is in KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 @dataclass(frozen=True)
@@ -38,7 +33,9 @@ class TokenizeOptions:
     image_size: int = 256  # shorter side resized to this (antialiased), then center-cropped square
     limits: DecodeLimits = field(default_factory=DecodeLimits)  # skip rules: min side, aspect, pixels
     batch_size: int = 32  # images per forward pass
-    decode_threads: int = 2  # decoding threads per processor
+    # Decoding threads per processor. A CPU actor's model already uses every core it has, so one thread
+    # (decode overlapping encode) is enough there; a GPU actor wants as many as it has CPUs.
+    decode_threads: int = 1
     prefetch_batches: int = 2  # decoded batches kept ahead of the model (bounds memory)
 
     def preprocessing(self) -> dict:
@@ -173,7 +170,7 @@ class ShardTokenizer:
             samples = iter_samples(stream, shard=url)
             for out in ordered_map(decode, samples, opts.decode_threads, window):
                 if isinstance(out, Skip):
-                    if out.reason == "tar truncated":
+                    if out.reason == TAR_TRUNCATED:
                         truncated = True
                     skipped.append(
                         {"key": out.key, "index": out.index, "reason": out.reason, "detail": out.detail}
@@ -214,7 +211,7 @@ class ShardTokenizer:
             "model_sha256": meta["model_sha256"],
             "codebook_fingerprint": meta["codebook_fingerprint"],
             "gq_version": gq.__version__,
-            "worker": {"pid": os.getpid(), "device": str(self.device), "peak_rss_mb": peak_rss_mb()},
+            "worker": {"pid": os.getpid(), "device": str(self.device), "peak_rss_mib": peak_rss_mib()},
             "committed_at": time.time(),
         }
         write_manifest(output, result.stem, record)

@@ -1,0 +1,245 @@
+"""Evaluating a checkpoint on image shards: images decoded and preprocessed exactly as for tokenizing (center
+crop), scored batch by batch by `gq.evaluation.Evaluator`, written as DIR/report.json, DIR/report.md and
+three PNG plots. A plain in-process loop (no Ray): evaluation sets are small next to training corpora.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import fsspec
+import numpy as np
+import torch
+
+import gq
+from gq.evaluation import Evaluator
+from pipeline import plots
+from pipeline.decode import DEFAULT_LIMITS, Decoded, DecodeLimits, decode_sample
+from pipeline.manifest import join
+from pipeline.prefetch import ordered_map
+from pipeline.samples import Skip, iter_samples
+from pipeline.shards import open_shard
+
+SHARD_UNREADABLE = "shard unreadable"
+MAX_SKIPS_LISTED = 1000  # skipped samples listed one by one in report.json (all are counted by reason)
+PLOTS = {"grid": "reconstructions.png", "kl": "kl_histogram.png", "usage": "code_usage.png"}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    image_size: int = 256  # shorter side resized to this (antialiased), center crop: as tokenizing
+    batch_size: int = 16  # images per forward pass
+    limit: int | None = None  # stop after this many images (None: every image of every shard)
+    rule: str | None = None  # GQ rule scored ("posterior" or "mean"); None: the checkpoint's own
+    limits: DecodeLimits = field(default_factory=lambda: DEFAULT_LIMITS)  # which images are skipped
+    decode_threads: int = 2  # image decoding threads
+    examples: int = 4  # rows of the reconstruction grid
+
+
+@dataclass
+class EvalRun:
+    """What evaluating the shards produced: the filled Evaluator and what was skipped."""
+
+    evaluator: Evaluator
+    shards: list[str]
+    skipped: list[dict] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def shard_images(
+    url: str, *, image_size: int, limits: DecodeLimits = DEFAULT_LIMITS, threads: int = 2
+) -> Iterator[Decoded | Skip]:
+    """The shard's samples decoded and center-cropped as `ShardTokenizer` does, in order; bad ones as Skip."""
+
+    def decode(item):
+        return item if isinstance(item, Skip) else decode_sample(item, image_size=image_size, limits=limits)
+
+    with open_shard(url) as stream:
+        yield from ordered_map(decode, iter_samples(stream, shard=url), threads, 4 * max(threads, 1))
+
+
+def evaluate_shards(
+    model: gq.GQVAE,
+    shards: list[str],
+    settings: EvalSettings,
+    progress: Callable[[Iterator[str]], Iterator[str]] = iter,
+) -> EvalRun:
+    """Score every decodable image of `shards` (up to `settings.limit`); `progress` wraps the shard loop
+    (e.g. tqdm). A shard that cannot be opened or read is recorded as unreadable and the next one read."""
+    t0 = time.perf_counter()
+    run = EvalRun(Evaluator(model, rule=settings.rule, examples=settings.examples), list(shards))
+    ev = run.evaluator
+    batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        if batch:
+            ev.update(torch.from_numpy(np.stack(batch)))
+            batch.clear()
+
+    def full() -> bool:
+        return settings.limit is not None and ev.images + len(batch) >= settings.limit
+
+    for url in progress(shards):
+        if full():
+            break
+        try:
+            for item in shard_images(
+                url, image_size=settings.image_size, limits=settings.limits, threads=settings.decode_threads
+            ):
+                if isinstance(item, Skip):
+                    run.skipped.append({"shard": url, **asdict(item)})
+                    continue
+                batch.append(item.image)
+                if len(batch) >= settings.batch_size:
+                    flush()
+                if full():
+                    break
+        except OSError as e:  # missing shard, network: recorded, the report says so and the job exits 1
+            run.unreadable.append(url)
+            run.skipped.append(
+                {"shard": url, "key": "", "index": -1, "reason": SHARD_UNREADABLE, "detail": str(e)}
+            )
+    flush()
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def build_report(run: EvalRun, model: gq.GQVAE, checkpoint: str, settings: EvalSettings) -> dict:
+    """report.json's content: the metrics of `gq.evaluation` plus checkpoint, data and skipped samples."""
+    q = model.config.quantizer
+    report = {
+        "checkpoint": {
+            "path": checkpoint,
+            "model_sha256": model.checkpoint_sha256,
+            "codebook_fingerprint": model.codebook_fingerprint,
+            "codebook": q.codebook.to_dict(),
+            "preset": model.config.preset,
+            "groups": q.groups,
+            "layout": q.layout,
+            "rule": q.rule,
+            "beta": q.beta,
+        },
+        "data": {
+            "shards": len(run.shards),
+            "shards_unreadable": run.unreadable,
+            "image_size": settings.image_size,
+            "preprocessing": "shorter side to image_size (PIL bicubic, antialiased), center crop",
+            "limit": settings.limit,
+            "limits": asdict(settings.limits),
+        },
+        "skipped": {
+            "count": len(run.skipped),
+            "by_reason": dict(sorted(Counter(s["reason"] for s in run.skipped).items())),
+            "samples": run.skipped[:MAX_SKIPS_LISTED],
+        },
+        "seconds": round(run.seconds, 3),
+        "gq_version": gq.__version__,
+    }
+    if run.evaluator.images:
+        report |= run.evaluator.result()
+    else:
+        report["images"] = 0
+    report["plots"] = dict(PLOTS)
+    return _finite(report)
+
+
+def write_report(output: str, report: dict, run: EvalRun) -> list[str]:
+    """Write report.json, report.md and (when any image was scored) the plots under `output`; their URLs."""
+    fs, path = fsspec.core.url_to_fs(output)
+    fs.makedirs(path, exist_ok=True)
+    files = {
+        "report.json": json.dumps(report, indent=1, sort_keys=True, allow_nan=False).encode(),
+        "report.md": format_markdown(report).encode(),
+    }
+    ev = run.evaluator
+    if ev.images:
+        ex = ev.example_images()
+        kl = ev.kl
+        files[PLOTS["grid"]] = plots.reconstruction_grid([ex["original"], ex["continuous"], ex["gq"]])
+        files[PLOTS["kl"]] = plots.kl_histogram(
+            kl.counts.numpy(), kl.bin_bits, target_bits=kl.target_bits, lo=kl.min, hi=kl.max
+        )
+        files[PLOTS["usage"]] = plots.code_usage(ev.code_counts.numpy())
+    written = []
+    for name, data in files.items():
+        url = join(output, name)
+        with fsspec.open(url, "wb") as f:
+            f.write(data)
+        written.append(url)
+    return written
+
+
+def format_markdown(r: dict) -> str:
+    """A human-readable report.md from report.json's content."""
+    ck = r["checkpoint"]
+    lines = [
+        "# GQ-VAE evaluation",
+        "",
+        f"- checkpoint: `{ck['path']}` (sha256 {str(ck['model_sha256'])[:16]}, preset {ck['preset'] or '-'})",
+        f"- codebook: {ck['codebook']} (fingerprint {ck['codebook_fingerprint'][:16]}), "
+        f"groups {ck['groups']}, "
+        f"layout {ck['layout']}",
+        f"- images: {r['images']} from {r['data']['shards']} shards at {r['data']['image_size']} px; "
+        f"skipped {r['skipped']['count']} {r['skipped']['by_reason'] or ''}",
+    ]
+    if r["data"]["shards_unreadable"]:
+        lines.append(f"- **unreadable shards**: {', '.join(r['data']['shards_unreadable'])}")
+    if not r["images"]:
+        return "\n".join(lines + ["", "No image could be evaluated."]) + "\n"
+    rate, c, g, d, cb, kl = r["rate"], r["continuous"], r["gq"], r["drop"], r["codebook"], r["kl_bits"]
+    pct = kl["percentiles"]
+    lines += [
+        "",
+        "## Rate",
+        "",
+        f"{rate['tokens_per_image']} tokens per image ({rate['token_grid'][0]} x {rate['token_grid'][1]} x "
+        f"{rate['groups']}), {rate['bits_per_token']:g} bits per token: **{rate['bits_per_pixel']:.4g} bpp**",
+        "",
+        f"## Distortion (GQ rule: {r['rule']})",
+        "",
+        "| | PSNR (dB) | SSIM |",
+        "|---|---|---|",
+        f"| continuous VAE (decode mu) | {c['psnr_db']:.2f} | {c['ssim']:.4f} |",
+        f"| GQ tokens | {g['psnr_db']:.2f} | {g['ssim']:.4f} |",
+        f"| drop | {d['psnr_db']:.2f} | {d['ssim']:.4f} |",
+        "",
+        "PSNR and SSIM per image on uint8 pixels (data range 255; SSIM: 11x11 Gaussian window, sigma 1.5, "
+        "RGB channels averaged), then averaged over images.",
+        "",
+        "## Codebook",
+        "",
+        f"- used {cb['used']} of {cb['size']} codes: usage {cb['usage']:.4f} (a uniform draw of the same "
+        f"{cb['tokens']} tokens would use {cb['expected_uniform_usage']:.4f})",
+        f"- token entropy {cb['entropy_bits']:.3f} bits (max {rate['bits_per_token']:g}), perplexity "
+        f"{cb['perplexity']:.1f}",
+        "",
+        "## Per-group KL (bits)",
+        "",
+        f"- target log2 K = {kl['target_bits']:g}; min {kl['min']:.3f}, mean {kl['mean']:.3f}, "
+        f"max {kl['max']:.3f}",
+        "- percentiles: " + ", ".join(f"{k} {v:.3f}" for k, v in pct.items()),
+        f"- above target: {kl['above_target']} of {kl['values']} ({kl['above_target_fraction']:.2%}); within "
+        f"+-{kl['tolerance_bits']:g} bit of it: {kl['within_band_fraction']:.2%}",
+        "",
+        "## Plots",
+        "",
+    ]
+    lines += [f"![{name}]({file})" for name, file in r["plots"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _finite(value):
+    """JSON has no NaN or infinity: they become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,294 @@
+"""The downstream reader: token Parquet files as a PyTorch `IterableDataset` of token sequences.
+
+Work is split in units of one Parquet row group. Each epoch the unit list is shuffled with (seed, epoch),
+the same on every rank and worker, and then dealt out: reader number `rank * num_workers + worker` of
+`world_size * num_workers` takes every such-numbered unit of that order, so the readers of all ranks and
+DataLoader workers together read every row exactly once per epoch, and no two read the same unit. Rows
+are shuffled within their unit with (seed, epoch, unit), and optionally mixed across units through a
+shuffle buffer. Only the needed columns are read (pyarrow), from local paths or any fsspec URL.
+
+    from torch.utils.data import DataLoader
+    from pipeline.reader import TokenDataset
+
+    ds = TokenDataset("tokens/", seed=0, offset=3, bos=1, eos=2)   # a directory, glob, file or list of them
+    loader = DataLoader(ds, batch_size=64, num_workers=4)          # sequences share one length: default
+    for epoch in range(epochs):                                    #   collate stacks them, (64, L + 2)
+        ds.set_epoch(epoch)                                        # before iterating: new order per epoch
+        for batch in loader:
+            ...
+
+With DistributedDataParallel, build the dataset after `torch.distributed.init_process_group` (rank and world
+size are read from it then) or pass `rank=` and `world_size=`; every rank iterates its own share. Shares
+differ by up to one row group, so ranks may see different numbers of batches: cap steps per epoch (e.g.
+`ds.num_rows // (world_size * batch_size)`) where every rank must take the same number of steps. Call
+`set_epoch` before each epoch; with `persistent_workers=True` the workers keep the epoch they were started
+with, so leave that option off. `with_meta=True` yields dicts {"tokens", "key", "label", "shard", "index"}
+(missing labels become `missing_label`); the default collate batches those too.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.writer import METADATA_KEY
+
+TOKENS = "tokens"
+META_COLUMNS = ("key", "label", "shard", "index")
+
+
+class TokenFileMismatch(ValueError):
+    """Token files that cannot be mixed: different codebooks (their token ids mean different vectors)."""
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One row group of one token file: the unit of work that ranks and workers share out."""
+
+    url: str
+    row_group: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    url: str
+    row_groups: tuple[int, ...]  # rows in each row group
+    metadata: dict  # the file's `gq` metadata
+
+    @property
+    def rows(self) -> int:
+        return sum(self.row_groups)
+
+
+def list_token_files(source: str | Sequence[str]) -> list[str]:
+    """Token file URLs named by `source`: a directory (its `*.parquet`, not those starting with "." or "_"),
+    a glob, a single file, or a list of any of these; each entry sorted, duplicates dropped, order kept.
+    Local paths stay paths, URLs keep their protocol. Raises ValueError when nothing matches."""
+    entries = [source] if isinstance(source, str) else list(source)
+    urls: list[str] = []
+    for entry in entries:
+        entry = str(entry)
+        fs, path = url_to_fs(entry)
+        if any(c in entry for c in "*?["):
+            found = [p for p in fs.glob(path) if p.endswith(".parquet")]
+        elif fs.isdir(path):
+            found = [p for p in fs.ls(path, detail=False) if _is_token_file(p)]
+        elif fs.exists(path):
+            found = [path]
+        else:
+            raise ValueError(f"no such token file or directory: {entry!r}")
+        local = isinstance(fs, LocalFileSystem) and "://" not in entry
+        urls.extend(p if local else fs.unstrip_protocol(p) for p in sorted(found))
+    urls = list(dict.fromkeys(urls))
+    if not urls:
+        raise ValueError(f"no token files (*.parquet) in {source!r}")
+    return urls
+
+
+def _is_token_file(path: str) -> bool:
+    name = posixpath.basename(path.rstrip("/"))
+    return name.endswith(".parquet") and not name.startswith((".", "_"))
+
+
+def open_token_file(url: str) -> TokenFile:
+    """Read one file's footer: rows per row group and its `gq` metadata."""
+    with fsspec.open(url, "rb") as f:
+        pf = pq.ParquetFile(f)
+        schema_meta = pf.schema_arrow.metadata or {}
+        if METADATA_KEY not in schema_meta:
+            raise ValueError(f"{url}: not a gq token file (no 'gq' metadata)")
+        meta = json.loads(schema_meta[METADATA_KEY])
+        groups = tuple(pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups))
+    return TokenFile(url=url, row_groups=groups, metadata=meta)
+
+
+def check_same_codebook(files: Sequence[TokenFile]) -> dict:
+    """The shared metadata (the first file's) when every file has the same codebook fingerprint, else
+    TokenFileMismatch naming the first file that differs."""
+    first = files[0]
+    want = first.metadata.get("codebook_fingerprint")
+    for f in files[1:]:
+        got = f.metadata.get("codebook_fingerprint")
+        if got != want:
+            raise TokenFileMismatch(
+                f"token files use different codebooks: {f.url} has codebook fingerprint {str(got)[:16]}..., "
+                f"{first.url} has {str(want)[:16]}...; tokens of different codebooks cannot be mixed"
+            )
+    return first.metadata
+
+
+def units_of(files: Sequence[TokenFile]) -> list[WorkUnit]:
+    """Every (file, row group) with rows, in file order."""
+    return [WorkUnit(f.url, i, n) for f in files for i, n in enumerate(f.row_groups) if n > 0]
+
+
+def assign_units(n: int, *, seed: int, epoch: int, shuffle: bool, reader: int, readers: int) -> list[int]:
+    """Indices of the units that reader number `reader` of `readers` reads in `epoch`, in reading order.
+
+    The whole list is ordered first (shuffled with (seed, epoch) when `shuffle`), then dealt round-robin:
+    the readers' shares are disjoint and together cover every unit.
+    """
+    if not 0 <= reader < readers:
+        raise ValueError(f"reader {reader} outside 0..{readers - 1}")
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    return [int(i) for i in order[reader::readers]]
+
+
+def read_unit(unit: WorkUnit, columns: Sequence[str]) -> pa.Table:
+    """One row group, only `columns`."""
+    with fsspec.open(unit.url, "rb") as f:
+        return pq.ParquetFile(f).read_row_group(unit.row_group, columns=list(columns))
+
+
+def tokens_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A `tokens` fixed_size_list column -> (rows, tokens_per_image) numpy array of its uint16/uint32 type."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    length = array.type.list_size
+    return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), length)
+
+
+class TokenDataset(IterableDataset):
+    """Token sequences of token Parquet files, split across ranks and DataLoader workers; see the module doc.
+
+    Each item is a (tokens_per_image + [bos] + [eos],) tensor of `dtype` (int64 or int32), every token plus
+    `offset` (to place the image vocabulary after text or special tokens); with `with_meta` a dict.
+    """
+
+    def __init__(
+        self,
+        source: str | Sequence[str],
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 0,
+        offset: int = 0,
+        bos: int | None = None,
+        eos: int | None = None,
+        dtype: torch.dtype = torch.int64,
+        with_meta: bool = False,
+        missing_label: int = -1,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"dtype must be torch.int64 or torch.int32, got {dtype}")
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        if rank is None:
+            distributed = dist.is_available() and dist.is_initialized()
+            rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        if offset < 0 or shuffle_buffer < 0:
+            raise ValueError("offset and shuffle_buffer must be >= 0")
+        self.files = [open_token_file(u) for u in list_token_files(source)]
+        self.metadata = check_same_codebook(self.files)
+        self.units = units_of(self.files)
+        self.codebook_size = int(self.metadata["codebook"]["size"])
+        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.offset, self.bos, self.eos = offset, bos, eos
+        self.dtype, self.with_meta, self.missing_label = dtype, with_meta, missing_label
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        top = max([offset + self.codebook_size - 1] + [t for t in (bos, eos) if t is not None])
+        if dtype == torch.int32 and top > np.iinfo(np.int32).max:
+            raise ValueError(f"token values up to {top} do not fit int32")
+        self.vocab_size = top + 1  # ids in [0, vocab_size): offset + K, or beyond when BOS/EOS sit above it
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of all files (all ranks together)."""
+        return sum(u.rows for u in self.units)
+
+    @property
+    def sequence_length(self) -> int:
+        return int(self.metadata["tokens_per_image"]) + (self.bos is not None) + (self.eos is not None)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of `epoch` (call before iterating; DataLoader workers copy the dataset then)."""
+        self.epoch = int(epoch)
+
+    def units_for(self, worker: int = 0, num_workers: int = 1) -> list[int]:
+        """Indices into `units` that this rank's DataLoader worker `worker` of `num_workers` reads this epoch,
+        in reading order."""
+        return assign_units(
+            len(self.units),
+            seed=self.seed,
+            epoch=self.epoch,
+            shuffle=self.shuffle,
+            reader=self.rank * num_workers + worker,
+            readers=self.world_size * num_workers,
+        )
+
+    def __iter__(self) -> Iterator[torch.Tensor | dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        items = self._unit_items(worker, num_workers)
+        if self.shuffle and self.shuffle_buffer > 0:
+            rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1])
+            items = _buffer_shuffle(items, self.shuffle_buffer, rng)
+        return items
+
+    def _unit_items(self, worker: int, num_workers: int) -> Iterator[torch.Tensor | dict]:
+        columns = [TOKENS, *META_COLUMNS] if self.with_meta else [TOKENS]
+        for u in self.units_for(worker, num_workers):
+            table = read_unit(self.units[u], columns)
+            tokens = self._sequences(tokens_array(table.column(TOKENS)))
+            order = range(len(tokens))
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, self.epoch, u]).permutation(len(tokens))
+            if not self.with_meta:
+                for i in order:
+                    yield tokens[i].clone()
+                continue
+            meta = {c: table.column(c).to_pylist() for c in META_COLUMNS}
+            for i in order:
+                label = meta["label"][i]
+                yield {
+                    "tokens": tokens[i].clone(),
+                    "key": meta["key"][i],
+                    "label": self.missing_label if label is None else label,
+                    "shard": meta["shard"][i],
+                    "index": meta["index"][i],
+                }
+
+    def _sequences(self, tokens: np.ndarray) -> torch.Tensor:
+        """(rows, L) uint16/uint32 -> (rows, [BOS] + L + [EOS]) tensor of `dtype`, with the offset added."""
+        n = len(tokens)
+        parts = []
+        if self.bos is not None:
+            parts.append(np.full((n, 1), self.bos, np.int64))
+        parts.append(tokens.astype(np.int64) + self.offset)
+        if self.eos is not None:
+            parts.append(np.full((n, 1), self.eos, np.int64))
+        out = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        return torch.from_numpy(out).to(self.dtype)
+
+
+def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Mix a stream through a buffer of `size` items: each arriving item replaces (and emits) a random one."""
+    buffer: list = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = int(rng.integers(size))
+        buffer[j], item = item, buffer[j]
+        yield item
+    order = rng.permutation(len(buffer))
+    for j in order:
+        yield buffer[j]

@@ -1,0 +1,779 @@
+"""Training the GQ-VAE with TDC on Ray Train: `run_training(TrainSettings(...))`.
+
+One `TorchTrainer` with `workers` data-parallel workers (gloo on CPU, NCCL on GPU). Each step: the training
+forward (decode of the reparameterised sample), loss = reconstruction + TDC (+ the adaptive hinge GAN loss
+from `disc_start` on), one Adam step, then `tdc.update` once (its statistics are all-reduced, so every
+worker holds the same multipliers), then a discriminator step when the GAN is on.
+
+The output directory DIR holds:
+- `run.json`: the settings of the run (a restart with another preset, bpp or KL mode is refused);
+- `metrics.jsonl`: one JSON line per logged step (rank 0), plus `"event"` lines for resume and validation;
+- `model.safetensors` (and `model-step{N}.safetensors`): the inference checkpoint (`gq.load`), written at
+  each validation and at the end, with the training provenance;
+- `ray_train/`: Ray Train's storage (`RunConfig(storage_path=DIR, name="ray_train")`): checkpoint
+  directories `step-{N:08d}/` (`trainer.pt`: model with the TDC multipliers, both optimizers, the
+  discriminator, the step; `rank-{r}.json`: each worker's data position, skip counts and noise RNG;
+  `checkpoint.json`: step, world size, size of trainer.pt) and Ray's checkpoint list.
+
+Resume: running again with the same DIR continues from the latest checkpoint. Ray Train V2 reloads its
+checkpoint list from `ray_train/` and hands the latest checkpoint to the workers (`ray.train.get_checkpoint`).
+When that list cannot be used (torn by a kill while being written, written by another Ray version, or
+gone), it is moved aside and the newest complete `step-*` directory found on disk is used instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import gq
+from gq.discriminator import PatchDiscriminator
+from gq.losses import (
+    LossConfig,
+    adaptive_weight,
+    gan_active,
+    generator_loss,
+    hinge_d_loss,
+    load_perceptual,
+    reconstruction_loss,
+)
+from gq.metrics import codebook_usage, psnr
+from gq.tdc import MODES, kl_bits
+from pipeline.decode import REASONS, Decoded, decode_sample
+from pipeline.memory import peak_rss_mib
+from pipeline.samples import iter_samples
+from pipeline.shards import expand_shards, open_shard
+from pipeline.train_data import SHARD_UNREADABLE, DataPosition, TrainBatches
+
+EXPERIMENT = "ray_train"  # Ray Train's run name: its storage is DIR/ray_train
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's checkpoint list in that directory
+MODEL_KEYS = ("preset", "bpp", "kl_mode")  # settings a restart may not change
+SKIP_REASONS = (*REASONS, SHARD_UNREADABLE, "other")
+ADAM_BETAS = (0.5, 0.9)  # latent diffusion's autoencoder (and taming's) Adam betas, both optimizers
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything a training run is started with; saved in DIR/run.json and in every checkpoint."""
+
+    preset: str  # network preset (gq.PRESETS)
+    data: str  # training SHARDS (brace pattern, glob, directory, .txt list; fsspec URLs)
+    output: str  # DIR: a local or shared-filesystem directory; holds metrics, checkpoints and the model
+    val_data: str | None = None  # validation SHARDS (center crops); None: no validation metrics
+    bpp: float = 0.25  # operating point (gq.OPERATING_POINTS): 0.25, 0.5 or 1.0
+    workers: int = 1  # data-parallel Ray Train workers
+    gpu: bool = False  # one GPU per worker (NCCL); else CPU (gloo)
+    cpus_per_worker: int = 1  # CPUs reserved per worker, and its torch threads on CPU
+    max_steps: int = 1000  # autoencoder optimizer steps in total (a restart continues up to this)
+    batch_size: int = 16  # images per worker per step (the reference: 16 per GPU)
+    lr: float = 1e-4  # Adam learning rate of the autoencoder (the reference's)
+    image_size: int = 256  # training crops are image_size x image_size (a multiple of 8)
+    kl_mode: str = "tdc"  # "tdc", or "kl" for the plain Gaussian-VAE KL (ablation)
+    kl_weight: float = 1.0  # weight of the KL term (the released checkpoints: 1.0; the configs: 0.1)
+    loss: LossConfig = field(default_factory=LossConfig)  # reconstruction, perceptual and GAN losses
+    checkpoint_every: int = 500  # steps between Ray Train checkpoints (one is also made at max_steps)
+    keep_checkpoints: int = 2  # Ray Train checkpoints kept on disk
+    max_failures: int = 0  # worker-group failures Ray Train recovers from in-run (from the last checkpoint)
+    val_every: int = 1000  # steps between validations and model exports (also at the end)
+    val_images: int = 256  # validation images used (the first ones of val_data)
+    log_every: int = 10  # steps between metric lines (metrics.jsonl and the console)
+    keep_step_exports: bool = True  # also write DIR/model-step{N}.safetensors at each validation
+    decode_threads: int = 2  # image-decoding threads per worker
+    seed: int = 0  # model init, data order, crops and noise
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss, dict):
+            object.__setattr__(self, "loss", LossConfig.from_dict(self.loss))
+        if self.preset not in gq.PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(gq.PRESETS)}")
+        if self.bpp not in gq.OPERATING_POINTS:
+            raise ValueError(
+                f"unknown operating point {self.bpp}; choose one of {sorted(gq.OPERATING_POINTS)}"
+            )
+        if self.kl_mode not in MODES:
+            raise ValueError(f"kl_mode must be one of {MODES}, got {self.kl_mode!r}")
+        if self.image_size < 32 or self.image_size % 8:
+            raise ValueError(f"image_size must be a multiple of 8 and >= 32, got {self.image_size}")
+        for name in (
+            "workers",
+            "cpus_per_worker",
+            "batch_size",
+            "checkpoint_every",
+            "val_every",
+            "log_every",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < 0 or self.val_images < 0 or self.max_failures < 0 or self.keep_checkpoints < 1:
+            raise ValueError("max_steps, val_images and max_failures must be >= 0, keep_checkpoints >= 1")
+        if not self.lr > 0 or self.kl_weight < 0:
+            raise ValueError(f"lr must be > 0 and kl_weight >= 0, got {self.lr} and {self.kl_weight}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown training settings {sorted(unknown)}")
+        return cls(**data)
+
+    def model_config(self) -> gq.ModelConfig:
+        return gq.model_config(self.preset, self.bpp, kl_mode=self.kl_mode, kl_weight=self.kl_weight)
+
+
+@dataclass
+class TrainResult:
+    """What `run_training` returns."""
+
+    step: int  # steps done in total
+    output: str  # DIR
+    model: str  # path of the exported inference checkpoint
+    metrics: dict  # the last metrics reported by rank 0
+    checkpoint: str | None  # path of the latest Ray Train checkpoint
+
+
+# --- driver side -------------------------------------------------------------------------------------------
+
+
+def run_training(settings: TrainSettings) -> TrainResult:
+    """Train, or resume, on the Ray cluster `ray.init` connected to; a finished run is only re-exported."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    finished = export_finished(settings)
+    if finished is not None:
+        return finished
+    out = Path(settings.output).expanduser().resolve()
+    settings = dataclasses.replace(settings, output=str(out))
+    shards = expand_shards(settings.data)
+    if len(shards) < settings.workers:
+        raise ValueError(f"{len(shards)} training shards for {settings.workers} workers: need one per worker")
+    val_shards = expand_shards(settings.val_data) if settings.val_data else []
+    if settings.loss.perceptual_weights:
+        load_perceptual(settings.loss.perceptual_weights)  # fail here, with a clear error, not in a worker
+    commit = git_commit()
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_json(out, settings, commit)
+    resume_from = prepare_resume(out / EXPERIMENT)
+
+    resources = {"CPU": settings.cpus_per_worker} | ({"GPU": 1} if settings.gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "settings": settings.to_dict(),
+            "shards": shards,
+            "val_shards": val_shards,
+            "provenance": run_provenance(settings, commit),
+            "resume_from": resume_from,
+        },
+        torch_config=TorchConfig(backend="nccl" if settings.gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=settings.workers, use_gpu=settings.gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=EXPERIMENT,
+            storage_path=str(out),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    return TrainResult(
+        step=int(metrics.get("step", 0)),
+        output=str(out),
+        model=str(out / "model.safetensors"),
+        metrics=metrics,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+    )
+
+
+def export_finished(settings: TrainSettings) -> TrainResult | None:
+    """When DIR's latest checkpoint is at or past `max_steps`, write DIR/model.safetensors from it again
+    (no Ray needed) and return the result; else None."""
+    out = Path(settings.output).expanduser().resolve()
+    path = latest_checkpoint(out / EXPERIMENT)
+    if path is None:
+        return None
+    meta = json.loads((path / "checkpoint.json").read_text())
+    if meta["step"] < settings.max_steps:
+        return None
+    settings = dataclasses.replace(settings, output=str(out))
+    commit = git_commit()
+    write_run_json(out, settings, commit)  # refuses another preset / bpp / KL mode
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    model = gq.GQVAE(settings.model_config())
+    model.load_state_dict(trainer["model"])
+    state = {"step": int(trainer["step"]), "images": int(trainer["images"])}
+    export(model, out, state, run_provenance(settings, commit), keep_step=False)
+    say(f"[gq-train] {out} is already trained to step {state['step']}; re-exported model.safetensors")
+    return TrainResult(
+        state["step"], str(out), str(out / "model.safetensors"), {"step": state["step"]}, str(path)
+    )
+
+
+def run_provenance(settings: TrainSettings, commit: str | None) -> dict:
+    """The training provenance written into every exported inference checkpoint (steps are added then)."""
+    s = settings
+    return {
+        "data": s.data,
+        "val_data": s.val_data,
+        "preset": s.preset,
+        "bpp": s.bpp,
+        "kl_mode": s.kl_mode,
+        "kl_weight": s.kl_weight,
+        "image_size": s.image_size,
+        "git_commit": commit,
+        "settings": s.to_dict(),
+    }
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout this code runs from, with "-dirty" when it has uncommitted changes; None if
+    there is no git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode:
+            return None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        )
+        return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_run_json(out: Path, settings: TrainSettings, commit: str | None) -> None:
+    """DIR/run.json; refuses a restart that changes what the model is (preset, bpp, KL mode)."""
+    path = out / "run.json"
+    starts = []
+    if path.exists():
+        previous = json.loads(path.read_text())
+        before = previous["settings"]
+        changed = [k for k in MODEL_KEYS if before.get(k) != getattr(settings, k)]
+        if changed:
+            was = ", ".join(f"{k}={before.get(k)!r}" for k in changed)
+            raise ValueError(f"{out} holds a run with {was}; use another --output to train a different model")
+        starts = previous.get("starts", [])
+    starts.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": commit})
+    record = {
+        "settings": settings.to_dict(),
+        "model_config": settings.model_config().to_dict(),
+        "starts": starts,
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_resume(experiment: Path) -> str | None:
+    """Make a restart resume. Returns None when Ray Train's own checkpoint list (in `experiment`) is usable
+    or there is nothing to resume; else moves that list aside and returns the newest complete checkpoint
+    directory found on disk (or None)."""
+    snapshot = experiment / SNAPSHOT
+    if snapshot.exists():
+        problem = snapshot_problem(snapshot, experiment)
+        if problem is None:
+            return None
+        aside = snapshot.with_name(f"{SNAPSHOT}.unusable-{int(time.time())}")
+        os.replace(snapshot, aside)
+        print(f"[gq-train] Ray Train's checkpoint list is unusable ({problem}); moved to {aside.name}")
+    latest = latest_complete_checkpoint(experiment)
+    if latest is not None:
+        print(f"[gq-train] resuming from {latest}")
+    return str(latest) if latest else None
+
+
+def snapshot_problem(snapshot: Path, experiment: Path) -> str | None:
+    """Why Ray Train could not load this checkpoint list, or None."""
+    import ray
+
+    try:
+        state = json.loads(snapshot.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"not readable JSON: {e}"
+    if not isinstance(state, dict):
+        return "not a checkpoint list"
+    if state.get("ray_version") != ray.__version__:
+        return f"written by Ray {state.get('ray_version')}, this is Ray {ray.__version__}"
+    for result in state.get("checkpoint_results", []):
+        name = result.get("checkpoint_dir_name", "") if isinstance(result, dict) else ""
+        if not name or not (experiment / name).is_dir():
+            return f"lists a missing checkpoint {name!r}"
+    return None
+
+
+def latest_checkpoint(experiment: Path) -> Path | None:
+    """The checkpoint a restart would resume from: the latest in Ray Train's list when that list is usable,
+    else the newest complete one on disk."""
+    snapshot = experiment / SNAPSHOT
+    if snapshot.exists() and snapshot_problem(snapshot, experiment) is None:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        if latest and checkpoint_complete(experiment / latest["checkpoint_dir_name"]):
+            return experiment / latest["checkpoint_dir_name"]
+    return latest_complete_checkpoint(experiment)
+
+
+def latest_complete_checkpoint(experiment: Path) -> Path | None:
+    """The `step-*` directory with the highest step whose files are all present and whole."""
+    if not experiment.is_dir():
+        return None
+    for path in sorted(experiment.glob("step-*"), reverse=True):
+        if checkpoint_complete(path):
+            return path
+    return None
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """All files of a checkpoint are there: trainer.pt at its recorded size and every rank's JSON."""
+    try:
+        meta = json.loads((path / "checkpoint.json").read_text())
+        if (path / "trainer.pt").stat().st_size != meta["trainer_bytes"]:
+            return False
+        for rank in range(meta["world_size"]):
+            json.loads((path / f"rank-{rank}.json").read_text())
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+# --- worker side -------------------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's per-worker function (also callable in a bare process with world size 1)."""
+    import ray.train
+    import ray.train.torch
+
+    s = TrainSettings.from_dict(config["settings"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(s.cpus_per_worker)
+    out = Path(s.output)
+    log = MetricsLog(out / "metrics.jsonl", rank == 0)
+
+    torch.manual_seed(s.seed)  # the same initial weights on every worker (DDP also broadcasts rank 0's)
+    model = gq.GQVAE(s.model_config()).to(device)
+    disc = PatchDiscriminator(s.loss.disc_channels, s.loss.disc_layers).to(device)
+    perceptual = load_perceptual(s.loss.perceptual_weights).to(device) if s.loss.perceptual_weights else None
+    ae_opt = torch.optim.Adam(model.parameters(), lr=s.lr, betas=ADAM_BETAS)
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=s.loss.disc_lr or s.lr, betas=ADAM_BETAS)
+    noise = torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + rank)
+
+    state = {"step": 0, "images": 0}
+    position, skipped = DataPosition(), {}
+    checkpoint = ray.train.get_checkpoint()
+    resumed_from = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            state, position, skipped = restore(Path(path), model, disc, ae_opt, disc_opt, noise, rank, world)
+        resumed_from = checkpoint.path
+    elif config.get("resume_from"):
+        path = config["resume_from"]
+        state, position, skipped = restore(Path(path), model, disc, ae_opt, disc_opt, noise, rank, world)
+        resumed_from = path
+    if resumed_from is not None:
+        first = next(iter(ae_opt.state.values()), {})
+        log.write(
+            {
+                "event": "resume",
+                "step": state["step"],
+                "from": str(resumed_from),
+                "position": position.to_dict(),
+            }
+            | tdc_values(model)
+            | {"adam_step": float(first.get("step", 0))}
+        )
+    prov = config["provenance"]
+
+    if state["step"] >= s.max_steps:  # nothing left to train: re-export and finish
+        if rank == 0:
+            export(model, out, state, prov, keep_step=False)
+            say(f"[gq-train] {out} is already trained to step {state['step']}; re-exported model.safetensors")
+        ray.train.report({"step": state["step"], "images_seen": state["images"], "done": 1})
+        return
+
+    cuda = device.type == "cuda"
+    ddp_model, ddp_disc = model, disc
+    if world > 1:
+        ids = [device] if cuda else None  # no buffer sync per forward: the codebook never changes
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, forward_sync_buffers=False
+        )
+        ddp_disc = torch.nn.parallel.DistributedDataParallel(disc, device_ids=ids, forward_sync_buffers=False)
+    batches = TrainBatches(
+        config["shards"],
+        batch_size=s.batch_size,
+        image_size=s.image_size,
+        rank=rank,
+        world=world,
+        seed=s.seed,
+        position=position,
+        threads=s.decode_threads,
+    )
+    batches.skipped.update(skipped)
+    val_images = load_val_images(config["val_shards"], s) if rank == 0 and config["val_shards"] else None
+    last_layer = model.decoder.conv_out.weight
+    progress = Progress(rank == 0, state["step"], s.max_steps)
+    window = Window()
+    metrics: dict = {}
+    step = state["step"]
+    try:
+        while step < s.max_steps:
+            step += 1
+            start = time.perf_counter()
+            images = next(batches).to(device, non_blocking=True)
+            out_ = ddp_model(images, generator=noise)
+            terms = reconstruction_loss(images, out_.recon, s.loss, perceptual)
+            loss = terms["rec"] + out_.kl_loss
+            gan = gan_active(step, s.loss)
+            g_loss = d_weight = d_loss = torch.zeros((), device=device)
+            if gan:
+                disc.requires_grad_(False)  # the generator's loss trains the decoder only
+                g_loss = generator_loss(disc(out_.recon))
+                d_weight = adaptive_weight(
+                    terms["rec"], g_loss, last_layer, s.loss.disc_weight, s.loss.adaptive_weight_max
+                )
+                loss = loss + d_weight * g_loss
+                disc.requires_grad_(True)
+            ae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            ae_opt.step()
+            kl = model.tdc.update(out_.kl_stats)  # once per autoencoder step, statistics of all workers
+            if gan:
+                logits = ddp_disc(torch.cat([images, out_.recon.detach()]))
+                real, fake = logits.chunk(2)
+                d_loss = hinge_d_loss(real, fake)
+                disc_opt.zero_grad(set_to_none=True)
+                d_loss.backward()
+                disc_opt.step()
+            state["step"], state["images"] = step, state["images"] + s.batch_size * world
+            scalars = [loss, terms["rec"], terms["l1"], terms["l2"], out_.kl_loss, g_loss, d_weight, d_loss]
+            values = torch.stack([t.detach().double() for t in scalars]).cpu()  # waits for the device
+            window.add(values, time.perf_counter() - start, s.batch_size * world)
+
+            if step % s.log_every == 0 or step == s.max_steps:
+                metrics = window.reduce(step, state["images"], batches.position.epoch, gan)
+                metrics |= model.tdc.log_dict(kl) | gather_ranks(model, world)
+                metrics |= {"skipped": reduce_skips(batches.skipped, device, world)}
+                log.write(metrics)
+                progress.update(step, metrics)
+                window = Window()
+            if (step % s.val_every == 0 or step == s.max_steps) and rank == 0:
+                val = validate(model, val_images, s) if val_images is not None else {}
+                if val:
+                    log.write({"event": "val", "step": step} | val)
+                    progress.note(f"validation at step {step}: " + format_val(val))
+                export(model, out, state, prov | {"val": val}, keep_step=s.keep_step_exports)
+            if step % s.checkpoint_every == 0 or step == s.max_steps:
+                save_checkpoint(
+                    step, state, model, disc, ae_opt, disc_opt, noise, batches, rank, world, s, metrics
+                )
+    finally:
+        batches.close()
+        progress.close()
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    step, state, model, disc, ae_opt, disc_opt, noise, batches, rank, world, s, metrics
+) -> None:
+    """Every worker writes its files into one Ray Train checkpoint `step-{N:08d}` (merged in storage)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="gq-ckpt-") as tmp:
+        path = Path(tmp)
+        if rank == 0:
+            torch.save(
+                {
+                    "model": model.state_dict(),  # includes the TDC multipliers (float64 buffers)
+                    "disc": disc.state_dict(),
+                    "ae_opt": ae_opt.state_dict(),
+                    "disc_opt": disc_opt.state_dict(),
+                    "step": step,
+                    "images": state["images"],
+                },
+                path / "trainer.pt",
+            )
+            meta = {
+                "step": step,
+                "world_size": world,
+                "trainer_bytes": (path / "trainer.pt").stat().st_size,
+                "settings": s.to_dict(),
+            }
+            (path / "checkpoint.json").write_text(json.dumps(meta, indent=2))
+        rank_state = {
+            "rank": rank,
+            "world_size": world,
+            "step": step,
+            "position": batches.position.to_dict(),
+            "skipped": dict(batches.skipped),
+            "noise_rng": base64.b64encode(noise.get_state().cpu().numpy().tobytes()).decode("ascii"),
+        }
+        (path / f"rank-{rank}.json").write_text(json.dumps(rank_state))
+        report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))} | {"step": step}
+        ray.train.report(
+            report,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"step-{step:08d}",
+        )
+
+
+def restore(path: Path, model, disc, ae_opt, disc_opt, noise, rank: int, world: int):
+    """Load a checkpoint directory into the objects; returns (state, data position, skip counts)."""
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(trainer["model"])
+    disc.load_state_dict(trainer["disc"])
+    ae_opt.load_state_dict(trainer["ae_opt"])
+    disc_opt.load_state_dict(trainer["disc_opt"])
+    state = {"step": int(trainer["step"]), "images": int(trainer["images"])}
+    mine = path / f"rank-{rank}.json"
+    saved = json.loads(mine.read_text()) if mine.exists() else None
+    if saved is not None and saved["world_size"] == world:
+        position = DataPosition.from_dict(saved["position"])
+        raw = np.frombuffer(base64.b64decode(saved["noise_rng"]), dtype=np.uint8)
+        noise.set_state(torch.from_numpy(raw.copy()))
+        return state, position, saved["skipped"]
+    # another worker count: the per-worker positions do not map; start the next epoch of the new split
+    first = json.loads((path / "rank-0.json").read_text())
+    epoch = DataPosition.from_dict(first["position"]).epoch + 1
+    made_by = first["world_size"]
+    say(f"[gq-train] rank {rank}: checkpoint made by {made_by} workers, now {world}: data from epoch {epoch}")
+    return state, DataPosition(epoch=epoch), {}
+
+
+def export(model: gq.GQVAE, out: Path, state: dict, provenance: dict, keep_step: bool) -> None:
+    """The inference checkpoint DIR/model.safetensors (and model-step{N}.safetensors)."""
+    provenance = provenance | {"steps": state["step"], "images_seen": state["images"]}
+    gq.save(model, str(out / "model.safetensors"), provenance)
+    if keep_step:
+        gq.save(model, str(out / f"model-step{state['step']}.safetensors"), provenance)
+
+
+# --- validation --------------------------------------------------------------------------------------------
+
+
+def load_val_images(val_shards: list[str], s: TrainSettings) -> torch.Tensor | None:
+    """The first `val_images` decodable validation images, center-cropped, uint8 (N, S, S, 3)."""
+    images = []
+    for url in val_shards:
+        with open_shard(url) as stream:
+            for item in iter_samples(stream, shard=url):
+                if len(images) >= s.val_images:
+                    break
+                if not hasattr(item, "members"):
+                    continue
+                decoded = decode_sample(item, image_size=s.image_size)
+                if isinstance(decoded, Decoded):
+                    images.append(decoded.image)
+        if len(images) >= s.val_images:
+            break
+    return torch.from_numpy(np.stack(images)) if images else None
+
+
+@torch.no_grad()
+def validate(model: gq.GQVAE, images: torch.Tensor, s: TrainSettings) -> dict:
+    """PSNR of the continuous (decode mu) and GQ-quantized reconstructions, codebook usage, KL spread."""
+    continuous, quantized, tokens, kappa = [], [], [], []
+    for i in range(0, len(images), s.batch_size):
+        x = images[i : i + s.batch_size]
+        mu, logvar = model.encode(x)
+        recon = model.decode(mu).clamp_(-1.0, 1.0)  # = model.reconstruct(x)
+        t = model.quantizer.quantize(mu, logvar)  # = model.tokenize(x)
+        continuous.append(psnr(x, recon.cpu()))
+        quantized.append(psnr(x, model.detokenize(t).cpu()))
+        tokens.append(t.cpu())
+        c = model.config.tdc
+        kappa.append(kl_bits(mu, logvar, c.groups, c.layout).flatten().double().cpu())
+    k = torch.cat(kappa)
+    c = model.config.tdc
+    usage = codebook_usage(torch.cat(tokens), model.config.quantizer.codebook.size)
+    return {
+        "val_images": len(images),
+        "psnr_continuous": finite_mean(torch.cat(continuous)),
+        "psnr_quantized": finite_mean(torch.cat(quantized)),
+        "codebook_usage": usage["usage"],
+        "codes_used": usage["used"],
+        "code_perplexity": usage["perplexity"],
+        "kl_bits_mean": float(k.mean()),
+        "kl_bits_std": float(k.std()) if k.numel() > 1 else 0.0,
+        "kl_bits_min": float(k.min()),
+        "kl_bits_max": float(k.max()),
+        "kl_bits_in_band": float(((k - c.target_bits).abs() <= c.tolerance).double().mean()),
+        "kl_bits_target": c.target_bits,
+    }
+
+
+def finite_mean(values: torch.Tensor) -> float:
+    """Mean PSNR; an exact reconstruction (inf) counts as 100 dB."""
+    return float(values.clamp(max=100.0).mean())
+
+
+def format_val(val: dict) -> str:
+    return (
+        f"PSNR {val['psnr_continuous']:.2f} dB continuous, {val['psnr_quantized']:.2f} dB GQ; "
+        f"codebook usage {val['codebook_usage']:.4f} ({val['codes_used']} codes); "
+        f"KL bits {val['kl_bits_mean']:.2f} +- {val['kl_bits_std']:.2f} (target {val['kl_bits_target']:.0f})"
+    )
+
+
+# --- metrics -----------------------------------------------------------------------------------------------
+
+
+SCALARS = ("loss", "rec", "l1", "l2", "kl_loss", "g_loss", "d_weight", "d_loss")
+
+
+class Window:
+    """Per-step losses and times since the last metric line."""
+
+    def __init__(self) -> None:
+        self.sums = torch.zeros(len(SCALARS), dtype=torch.float64)
+        self.steps = 0
+        self.seconds = 0.0
+        self.images = 0
+
+    def add(self, values: torch.Tensor, seconds: float, images: int) -> None:
+        self.sums += values
+        self.steps += 1
+        self.seconds += seconds
+        self.images += images
+
+    def reduce(self, step: int, images_seen: int, epoch: int, gan: bool) -> dict:
+        """Window means averaged over the workers (a collective: every worker calls it)."""
+        values = self.sums / max(self.steps, 1)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            values = values.to(device_of_backend())
+            dist.all_reduce(values)
+            values = values.cpu() / dist.get_world_size()
+        record = {"step": step, "epoch": epoch, "images_seen": images_seen, "gan": gan}
+        record |= {name: float(v) for name, v in zip(SCALARS, values)}
+        record["images_per_s"] = self.images / self.seconds if self.seconds else 0.0
+        return record
+
+
+def device_of_backend() -> torch.device:
+    """Where collectives want their tensors: CUDA for NCCL, CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def tdc_values(model: gq.GQVAE) -> dict:
+    tdc = model.tdc
+    return {
+        "lam": float(tdc.lam),
+        "lam_min": float(tdc.lam_min),
+        "lam_max": float(tdc.lam_max),
+        "tdc_updates": int(tdc.updates),
+    }
+
+
+def gather_ranks(model: gq.GQVAE, world: int) -> dict:
+    """Per-worker values (a collective): `tdc_by_rank` [lam, lam_min, lam_max, updates] (they must be equal;
+    the tests check) and `peak_rss_mib_by_rank` (resident-memory high-water mark of each worker process)."""
+    tdc = model.tdc
+    rss_mib = peak_rss_mib()
+    mine = torch.stack([tdc.lam, tdc.lam_min, tdc.lam_max, tdc.updates.double()]).double().cpu()
+    mine = torch.cat([mine, torch.tensor([rss_mib], dtype=torch.float64)])
+    every = [mine]
+    if world > 1:
+        mine = mine.to(device_of_backend())
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine)
+    rows = [t.cpu().tolist() for t in every]
+    return {"tdc_by_rank": [r[:4] for r in rows], "peak_rss_mib_by_rank": [round(r[4], 1) for r in rows]}
+
+
+def reduce_skips(skipped: dict, device: torch.device, world: int) -> dict[str, int]:
+    """Skip counts by reason, summed over the workers."""
+    counts = torch.zeros(len(SKIP_REASONS), dtype=torch.float64)
+    for reason, n in skipped.items():
+        counts[SKIP_REASONS.index(reason) if reason in SKIP_REASONS else -1] += n
+    if world > 1:
+        counts = counts.to(device_of_backend())
+        dist.all_reduce(counts)
+    return {r: int(n) for r, n in zip(SKIP_REASONS, counts.cpu().tolist()) if n}
+
+
+def say(text: str) -> None:
+    """One console line. Not `print`: Ray Train V2 patches print in workers and shows each line twice."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+class MetricsLog:
+    """Appends JSON lines to DIR/metrics.jsonl (rank 0 only); a line cut by a kill is ended first."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists() and path.stat().st_size:
+            with open(path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record | {"time": round(time.time(), 3)}) + "\n")
+
+
+class Progress:
+    """A tqdm bar on rank 0 when stdout is a terminal, else one printed line per logged step."""
+
+    def __init__(self, enabled: bool, start: int, total: int) -> None:
+        self.enabled = enabled
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        self.last = start
+
+    def update(self, step: int, m: dict) -> None:
+        if not self.enabled:
+            return
+        text = (
+            f"loss {m['loss']:.4g} rec {m['rec']:.4g} (L1 {m['l1']:.4f}) kl {m['kl_loss']:.4g} | "
+            f"KL bits {m['kl_bits_mean']:.2f} [{m['kl_bits_min']:.2f}, {m['kl_bits_max']:.2f}] "
+            f"target {m['kl_bits_target']:.0f} | lam {m['lam']:.4g} [{m['lam_min']:.3g}, {m['lam_max']:.3g}]"
+            + (f" | G {m['g_loss']:.3g} w {m['d_weight']:.3g} D {m['d_loss']:.3g}" if m["gan"] else "")
+            + f" | {m['images_per_s']:.1f} img/s"
+        )
+        if self.bar is not None:
+            self.bar.update(step - self.last)
+            self.bar.set_postfix_str(text, refresh=False)
+        else:
+            say(f"[gq-train] step {step}: {text}")
+        self.last = step
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else say)(f"[gq-train] {text}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,198 @@
+"""The downstream reader and the flat exporter, on real token files with several row groups each."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline import reader as reader_module
+from pipeline.export import export_flat, open_flat
+from pipeline.reader import TokenDataset, TokenFileMismatch, assign_units, list_token_files
+from pipeline.writer import parquet_bytes, token_table, write_atomic
+
+K, GRID, GROUPS = 65536, (2, 2), 2  # 8 tokens per image
+LENGTH = GRID[0] * GRID[1] * GROUPS
+ROWS = {"a": 10, "b": 7, "c": 11}  # row groups of 3: 4 + 3 + 4 = 11 work units
+
+
+def metadata(fingerprint: str = "f" * 64) -> dict:
+    return {
+        "codebook": {"kind": "sobol", "size": K, "dim": 8, "seed": 42},
+        "codebook_fingerprint": fingerprint,
+        "groups": GROUPS,
+        "layout": "interleaved",
+        "token_grid": list(GRID),
+        "tokens_per_image": LENGTH,
+        "model_sha256": "0" * 64,
+    }
+
+
+def write_tokens(path: str, stem: str, n: int, seed: int, meta: dict) -> dict[str, np.ndarray]:
+    tokens = np.random.default_rng(seed).integers(0, K, (n, LENGTH))
+    tokens[0, 0] = K - 1  # the largest id, to check dtypes
+    keys = [f"{stem}/{i:04d}" for i in range(n)]
+    labels = [i % 3 if i % 4 else None for i in range(n)]
+    table = token_table(keys, stem, list(range(n)), labels, tokens, K, meta)
+    write_atomic(f"{path}/{stem}.parquet", parquet_bytes(table, row_group_size=3))
+    return dict(zip(keys, tokens))
+
+
+@pytest.fixture(scope="module")
+def token_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokens")
+    expected = {}
+    for seed, (stem, n) in enumerate(ROWS.items()):
+        expected.update(write_tokens(str(d), stem, n, seed, metadata()))
+    (d / "_manifest").mkdir()
+    (d / "_manifest" / "a.json").write_text("{}")
+    (d / "_run.json").write_text("{}")
+    return str(d), expected
+
+
+def keys_and_tokens(items) -> list[tuple[str, list[int]]]:
+    return [(item["key"], item["tokens"].tolist()) for item in items]
+
+
+def test_token_files_are_listed_without_bookkeeping_files(token_dir):
+    d, _ = token_dir
+    names = [u.rsplit("/", 1)[1] for u in list_token_files(d)]
+    assert names == ["a.parquet", "b.parquet", "c.parquet"]
+    assert list_token_files(f"{d}/[ab].parquet") == list_token_files(d)[:2]
+    assert list_token_files([f"{d}/c.parquet", d]) == list_token_files(d)[2:] + list_token_files(d)[:2]
+    assert pq.ParquetFile(f"{d}/a.parquet").num_row_groups == 4
+    with pytest.raises(ValueError, match="no such"):
+        list_token_files(f"{d}/missing")
+
+
+def test_every_row_exactly_once_across_2_ranks_and_2_workers(token_dir):
+    d, expected = token_dir
+    seen = []
+    per_rank = []
+    for rank in range(2):
+        ds = TokenDataset(d, seed=7, with_meta=True, rank=rank, world_size=2)
+        ds.set_epoch(3)
+        loader = DataLoader(ds, batch_size=None, num_workers=2)
+        got = keys_and_tokens(loader)
+        per_rank.append({k for k, _ in got})
+        seen.extend(got)
+    assert len(seen) == sum(ROWS.values())
+    assert sorted(k for k, _ in seen) == sorted(expected)
+    assert per_rank[0] and per_rank[1] and not per_rank[0] & per_rank[1]
+    for key, tokens in seen:
+        assert tokens == expected[key].tolist()
+
+
+def test_batches_from_a_dataloader(token_dir):
+    d, _ = token_dir
+    ds = TokenDataset(d, offset=4, bos=1, eos=2, dtype=torch.int32, with_meta=True)
+    batch = next(iter(DataLoader(ds, batch_size=5, num_workers=0)))
+    assert batch["tokens"].shape == (5, LENGTH + 2) and batch["tokens"].dtype == torch.int32
+    assert len(batch["key"]) == 5 and batch["label"].dtype == torch.int64
+    assert ds.vocab_size == K + 4 and ds.sequence_length == LENGTH + 2 and ds.num_rows == 28
+
+
+def test_units_are_dealt_without_overlap_or_gap():
+    for readers in (1, 3, 4, 5, 20):
+        shares = [
+            assign_units(11, seed=1, epoch=2, shuffle=True, reader=r, readers=readers) for r in range(readers)
+        ]
+        flat = [u for share in shares for u in share]
+        assert sorted(flat) == list(range(11))
+    assert assign_units(5, seed=0, epoch=0, shuffle=False, reader=1, readers=2) == [1, 3]
+
+
+def test_order_is_deterministic_per_seed_and_epoch(token_dir):
+    d, expected = token_dir
+
+    def order(seed, epoch, buffer=0):
+        ds = TokenDataset(d, seed=seed, shuffle_buffer=buffer, with_meta=True)
+        ds.set_epoch(epoch)
+        return [item["key"] for item in ds]
+
+    first = order(1, 0)
+    assert first == order(1, 0)
+    assert sorted(first) == sorted(expected)
+    for other in (order(2, 0), order(1, 1)):
+        assert other != first and sorted(other) == sorted(first)
+    buffered = order(1, 0, buffer=8)
+    assert buffered == order(1, 0, buffer=8) and buffered != first and sorted(buffered) == sorted(first)
+    unshuffled = [item["key"] for item in TokenDataset(d, shuffle=False, with_meta=True)]
+    assert unshuffled == list(expected)  # files in order, rows in file order
+
+
+def test_offset_bos_eos_and_labels(token_dir):
+    d, expected = token_dir
+    plain = list(TokenDataset(d, shuffle=False))
+    assert plain[0].dtype == torch.int64 and plain[0].tolist() == expected["a/0000"].tolist()
+    items = list(TokenDataset(d, shuffle=False, offset=10, bos=0, eos=1, with_meta=True, missing_label=-5))
+    first = items[0]
+    assert first["tokens"].tolist() == [0] + (expected["a/0000"] + 10).tolist() + [1]
+    assert first["tokens"].max() == K - 1 + 10
+    assert [it["label"] for it in items[:5]] == [-5, 1, 2, 0, -5]
+    assert (first["shard"], first["index"]) == ("a", 0)
+
+
+def test_distributed_rank_is_taken_from_torch_distributed(token_dir, monkeypatch):
+    d, _ = token_dir
+    monkeypatch.setattr(reader_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(reader_module.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(reader_module.dist, "get_world_size", lambda: 3)
+    ds = TokenDataset(d)
+    assert (ds.rank, ds.world_size) == (1, 3)
+    with pytest.raises(ValueError, match="both"):
+        TokenDataset(d, rank=0)
+
+
+def test_files_of_different_codebooks_are_refused(token_dir, tmp_path):
+    d, _ = token_dir
+    write_tokens(str(tmp_path), "other", 4, 9, metadata(fingerprint="e" * 64))
+    with pytest.raises(TokenFileMismatch, match="different codebooks"):
+        TokenDataset([d, str(tmp_path)])
+    with pytest.raises(TokenFileMismatch):
+        export_flat([d, str(tmp_path)], str(tmp_path / "flat"))
+
+
+@pytest.mark.parametrize("offset,bos,eos,dtype", [(0, None, None, np.uint16), (3, 0, 1, np.uint32)])
+def test_flat_export_round_trip(token_dir, tmp_path, offset, bos, eos, dtype):
+    d, expected = token_dir
+    info = export_flat(d, str(tmp_path / "flat"), offset=offset, bos=bos, eos=eos)
+    tokens, offsets = open_flat(str(tmp_path / "flat"))
+    extra = (bos is not None) + (eos is not None)
+    assert isinstance(tokens, np.memmap) and tokens.dtype == dtype
+    np.testing.assert_array_equal(offsets, np.arange(len(expected) + 1) * (LENGTH + extra))
+    for i, want in enumerate(expected.values()):  # files in order, rows in file order
+        seq = tokens[offsets[i] : offsets[i + 1]].astype(np.int64)
+        head, body = seq[: bos is not None], seq[bos is not None : len(seq) - (eos is not None)]
+        np.testing.assert_array_equal(body, want + offset)
+        assert head.tolist() == ([bos] if bos is not None else [])
+        if eos is not None:
+            assert seq[-1] == eos
+    sidecar = json.loads((tmp_path / "flat.json").read_text())
+    assert sidecar == json.loads(json.dumps(info))
+    assert sidecar["sequences"] == len(expected) and sidecar["vocab_size"] == K + offset
+    assert [s["rows"] for s in sidecar["sources"]] == list(ROWS.values())
+    assert open_flat(str(tmp_path / "flat.idx"))[1].tolist() == offsets.tolist()
+
+
+def test_flat_index_is_checked(token_dir, tmp_path):
+    d, _ = token_dir
+    export_flat(d, str(tmp_path / "flat"))
+    with open(tmp_path / "flat.bin", "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(ValueError, match="its index says"):
+        open_flat(str(tmp_path / "flat.bin"))
+
+
+def test_fsspec_urls(tmp_path):
+    url = "memory://gq-reader-test/tokens"
+    expected = write_tokens(url, "m", 5, 3, metadata())
+    files = list_token_files(url)
+    assert len(files) == 1 and files[0].startswith("memory://") and files[0].endswith("tokens/m.parquet")
+    got = {item["key"]: item["tokens"].tolist() for item in TokenDataset(url, with_meta=True)}
+    assert got == {k: v.tolist() for k, v in expected.items()}
+    export_flat(url, str(tmp_path / "flat"))
+    tokens, offsets = open_flat(str(tmp_path / "flat"))
+    np.testing.assert_array_equal(tokens[offsets[1] : offsets[2]], expected["m/0001"])
