@@ -1,74 +1,117 @@
-"""Quantization demo: GQ on synthetic posteriors at, below and above the codebook's rate.
+"""The README demo: tokenize the bundled sample photos with the demo model through the real Ray pipeline,
+decode the tokens back to images, and print PSNR and codebook usage.
 
-Run: `make demo` (or `python jobs/demo.py --help`). It builds the reference Sobol codebook, quantizes
-posteriors whose KL is log2 K + t bits, and shows GQ's theorem at work: the chance of an error larger
-than sigma falls as the KL drops below log2 K and rises above it. It also checks the token round trip
-and times the CPU search. The pipeline demo (Parquet tokens from image shards) replaces this later.
+Run: `make demo` (or `python jobs/demo.py --help`). It writes `out/demo/tokens/` (Parquet token files,
+commit records, run record) and `out/demo/grid.png` (original | continuous VAE | GQ tokens).
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
-import time
-from pathlib import Path
 
-import torch
+# jobs/tokenize.py would shadow the standard library's `tokenize` while this folder heads sys.path.
+_JOBS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_JOBS)] + [p for p in sys.path if os.path.abspath(p or ".") != _JOBS]
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
 
 import gq  # noqa: E402
-from gq.synthetic import large_error_rate, posteriors_at_rate  # noqa: E402
+from gq.metrics import psnr, to_uint8, usage_from_counts  # noqa: E402
+from pipeline.decode import Decoded, decode_sample  # noqa: E402
+from pipeline.driver import JobSettings, plan, prepare_output, run_job  # noqa: E402
+from pipeline.plots import reconstruction_grid  # noqa: E402
+from pipeline.samples import iter_samples  # noqa: E402
+from pipeline.shards import expand_shards, open_shard, shard_stem  # noqa: E402
+from pipeline.tokenizer import TokenizeOptions  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CHECKPOINT = REPO / "assets" / "demo" / "gq-small-f8c16-0.25bpp-tdc.safetensors"
+SAMPLES = REPO / "assets" / "samples" / "photos-000000.tar"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # codebook
-    p.add_argument("--codebook-size", type=int, default=65536, help="K, number of codebook vectors")
-    p.add_argument("--dim", type=int, default=16, help="d, dimension of a codebook vector (one group)")
-    p.add_argument("--seed", type=int, default=42, help="codebook seed (42 is the reference's)")
-    # synthetic posteriors
-    p.add_argument("--queries", type=int, default=4096, help="latent groups to quantize per rate")
-    p.add_argument(
-        "--offsets", type=float, nargs="+", default=[-4, -2, 0, 2, 4], help="t: KL = log2 K + t bits"
-    )
+    p.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT), help="GQ-VAE checkpoint (the demo model)")
+    p.add_argument("--input", default=str(SAMPLES), help="image SHARDS to tokenize (the bundled photos)")
+    p.add_argument("--output", default=str(REPO / "out" / "demo"), help="DIR for tokens/ and grid.png")
+    p.add_argument("--image-size", type=int, default=256, help="tokenized image size")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     return p.parse_args(argv)
+
+
+def originals(spec: str, image_size: int) -> dict[tuple[str, str], np.ndarray]:
+    """(shard stem, key) -> the preprocessed uint8 image the pipeline tokenized."""
+    out = {}
+    for url in expand_shards(spec):
+        with open_shard(url) as stream:
+            for s in iter_samples(stream):
+                d = decode_sample(s, image_size=image_size) if hasattr(s, "members") else s
+                if isinstance(d, Decoded):
+                    out[(shard_stem(url), d.key)] = d.image
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    codebook = gq.GaussianCodebook(args.codebook_size, args.dim, seed=args.seed)
-    print(f"{codebook}  built in {time.perf_counter() - t0:.2f} s")
-    print(f"target: every group's KL near log2 K = {codebook.bits:.1f} bits\n")
+    tokens_dir = str(Path(args.output) / "tokens")
+    settings = JobSettings(
+        input=args.input,
+        output=tokens_dir,
+        checkpoint=args.checkpoint,
+        options=TokenizeOptions(image_size=args.image_size, batch_size=args.batch_size),
+        on_existing="overwrite",
+        progress=False,
+    )
+    shards, run = plan(settings)
+    prepare_output(settings, run)
 
-    print(f"{'KL bits':>8} {'t':>5} | P(error > sigma): posterior rule  mean rule | posterior search ms")
-    generator = torch.Generator().manual_seed(0)
-    for t in args.offsets:
-        mu, logvar = posteriors_at_rate(args.queries, args.dim, codebook.bits + t, generator)
-        rates = []
-        for rule in ("posterior", "mean"):
-            quantizer = gq.GaussianQuantizer(codebook, groups=1, rule=rule)
-            start = time.perf_counter()
-            tokens = quantizer.quantize(mu.view(-1, args.dim, 1, 1), logvar.view(-1, args.dim, 1, 1))
-            if rule == "posterior":
-                ms = (time.perf_counter() - start) * 1e3
-            chosen = quantizer.dequantize(tokens).view(-1, args.dim)
-            rates.append(large_error_rate(mu, logvar, chosen))
-        line = f"{codebook.bits + t:8.1f} {t:+5.1f} | {rates[0]:32.3f} {rates[1]:10.3f} |"
-        print(f"{line} {ms:19.1f}")
+    import ray
 
-    # The token round trip on a latent of one 256x256 image at 0.25 bpp (32 x 32 x 16).
-    quantizer = gq.GaussianQuantizer(codebook, groups=1)
-    mu = torch.randn(1, args.dim, 32, 32)
-    logvar = torch.full_like(mu, -2.0)
-    tokens = quantizer.quantize(mu, logvar)
-    z = quantizer.dequantize(tokens)
-    same = torch.equal(z.permute(0, 2, 3, 1).reshape(-1, args.dim), codebook.vectors[tokens.reshape(-1)])
-    print(f"\none image's latent {tuple(mu.shape)} -> tokens {tuple(tokens.shape)} -> {tuple(z.shape)}")
-    print(f"dequantize(quantize(x)) equals the selected codebook vectors: {same}")
-    return 0 if same else 1
+    print(f"1/3 tokenizing {len(shards)} shard(s) with {Path(args.checkpoint).name} on a local Ray ...")
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="ERROR")
+    try:
+        summary = run_job(settings, shards, run)
+    finally:
+        ray.shutdown()
+    print(summary.format())
+    if summary.exit_code:
+        return summary.exit_code
+
+    print("2/3 reading the token files back and decoding them ...")
+    model = gq.load(args.checkpoint)
+    table = pq.read_table(tokens_dir, columns=["shard", "key", "tokens"])
+    h, w = (args.image_size // model.downsample,) * 2
+    groups = model.config.quantizer.groups
+    tokens = torch.from_numpy(np.stack(table["tokens"].to_numpy(zero_copy_only=False)).astype(np.int64))
+    images = originals(args.input, args.image_size)
+    x = torch.from_numpy(
+        np.stack([images[(s, k)] for s, k in zip(table["shard"].to_pylist(), table["key"].to_pylist())])
+    )
+    gq_images = to_uint8(model.detokenize(tokens.reshape(len(tokens), h, w, groups)))
+    continuous = to_uint8(model.reconstruct(x))
+    grid = Path(args.output) / "grid.png"
+    grid.write_bytes(reconstruction_grid([x.numpy(), continuous.numpy(), gq_images.numpy()]))
+
+    print("3/3 results")
+    k = model.config.quantizer.codebook.size
+    usage = usage_from_counts(torch.bincount(tokens.reshape(-1), minlength=k))
+    p_gq, p_cont = psnr(x, gq_images).mean().item(), psnr(x, continuous).mean().item()
+    print(f"images: {len(tokens)}, {tokens.shape[1]} tokens each ({h}x{w}x{groups}, K = {k})")
+    print(f"PSNR, GQ tokens decoded:      {p_gq:.2f} dB")
+    print(f"PSNR, continuous VAE (mu):    {p_cont:.2f} dB   (quantization costs {p_cont - p_gq:.2f} dB)")
+    print(
+        f"codebook usage: {usage['used']} of {k} codes ({100 * usage['usage']:.1f}%; a uniform draw of "
+        f"{usage['tokens']} tokens would hit {100 * usage['expected_uniform_usage']:.1f}%), "
+        f"token entropy {usage['entropy_bits']:.2f} bits"
+    )
+    print(f"reconstructions: {grid}")
+    return 0
 
 
 if __name__ == "__main__":
