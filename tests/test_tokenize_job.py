@@ -250,3 +250,27 @@ def test_object_store_input_and_output(tmp_path, s3_env, small_checkpoint):
             table = pq.read_table(f)
         assert table["key"].to_pylist() == keys
         np.testing.assert_array_equal(np.stack(table["tokens"].to_pylist()), tokens)
+
+
+def test_shard_failing_after_retries_is_named_and_exit_1(tmp_path, small_checkpoint):
+    """The driver in-process on a local Ray: a shard that cannot be read fails after its retries."""
+    import ray
+
+    from pipeline.driver import JobSettings, plan, prepare_output, run_job
+
+    good = tmp_path / "good.tar"
+    make_shard(str(good), 3, seed=40)
+    settings = JobSettings(
+        input=str(good), output=str(tmp_path / "out"), checkpoint=small_checkpoint,
+        options=TokenizeOptions(image_size=SIZE, batch_size=4), retries=1, progress=False,
+    )  # fmt: skip
+    shards, run = plan(settings)
+    prepare_output(settings, run)
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        summary = run_job(settings, [*shards, str(tmp_path / "vanished.tar")], run)
+    finally:
+        ray.shutdown()
+    assert summary.exit_code == 1 and summary.committed_now == 1 and summary.retried == 1
+    assert list(summary.failed) == ["vanished"] and "FileNotFoundError" in summary.failed["vanished"]
+    assert "FAILED vanished" in summary.format()
