@@ -21,7 +21,7 @@ sys.path[:] = [os.path.dirname(_JOBS)] + [p for p in sys.path if os.path.abspath
 import argparse  # noqa: E402
 
 import gq  # noqa: E402
-from pipeline.decode import DecodeLimits  # noqa: E402
+from pipeline.decode import add_limit_arguments, limits_from_args  # noqa: E402
 from pipeline.evaluation import EvalSettings, build_report, evaluate_shards, write_report  # noqa: E402
 from pipeline.shards import expand_shards  # noqa: E402
 
@@ -41,11 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     # preprocessing and bad input (as jobs/tokenize.py)
     p.add_argument("--image-size", type=int, default=256, help="shorter side resized to this, center crop")
-    p.add_argument("--min-side", type=int, default=64, help="skip images whose shorter side is below this")
-    p.add_argument("--max-aspect", type=float, default=4.0, help="skip images with a longer aspect ratio")
-    p.add_argument(
-        "--max-pixels", type=int, default=40_000_000, help="skip images declaring more pixels (bomb guard)"
-    )
+    add_limit_arguments(p)
     # throughput
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     p.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...)")
@@ -70,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         limit=args.limit,
         rule=args.rule,
-        limits=DecodeLimits(min_side=args.min_side, max_aspect=args.max_aspect, max_pixels=args.max_pixels),
+        limits=limits_from_args(args),
         decode_threads=args.decode_threads,
         examples=args.examples,
     )

@@ -20,7 +20,7 @@ sys.path[:] = [os.path.dirname(_JOBS)] + [p for p in sys.path if os.path.abspath
 
 import argparse  # noqa: E402
 
-from pipeline.decode import DecodeLimits  # noqa: E402
+from pipeline.decode import add_limit_arguments, limits_from_args  # noqa: E402
 from pipeline.driver import ON_EXISTING, JobSettings, plan, prepare_output, run_job  # noqa: E402
 from pipeline.tokenizer import TokenizeOptions  # noqa: E402
 
@@ -39,11 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     # preprocessing and bad input
     p.add_argument("--image-size", type=int, default=256, help="shorter side resized to this, center crop")
-    p.add_argument("--min-side", type=int, default=64, help="skip images whose shorter side is below this")
-    p.add_argument("--max-aspect", type=float, default=4.0, help="skip images with a longer aspect ratio")
-    p.add_argument(
-        "--max-pixels", type=int, default=40_000_000, help="skip images declaring more pixels (bomb guard)"
-    )
+    add_limit_arguments(p)
     # throughput and resources
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--actors", type=int, default=1, help="tokenizer actors (one model each)")
@@ -74,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = TokenizeOptions(
         image_size=args.image_size,
-        limits=DecodeLimits(min_side=args.min_side, max_aspect=args.max_aspect, max_pixels=args.max_pixels),
+        limits=limits_from_args(args),
         batch_size=args.batch_size,
         decode_threads=args.decode_threads,
     )

@@ -81,6 +81,24 @@ class DecodeLimits:
 DEFAULT_LIMITS = DecodeLimits()
 
 
+def add_limit_arguments(parser) -> None:
+    """The DecodeLimits options every job that reads images takes (--min-side, --max-aspect, --max-pixels)."""
+    d = DEFAULT_LIMITS
+    parser.add_argument(
+        "--min-side", type=int, default=d.min_side, help="skip images whose shorter side is below this"
+    )
+    parser.add_argument(
+        "--max-aspect", type=float, default=d.max_aspect, help="skip images with a longer aspect ratio"
+    )
+    parser.add_argument(
+        "--max-pixels", type=int, default=d.max_pixels, help="skip images declaring more pixels (bomb guard)"
+    )
+
+
+def limits_from_args(args) -> DecodeLimits:
+    return DecodeLimits(min_side=args.min_side, max_aspect=args.max_aspect, max_pixels=args.max_pixels)
+
+
 class SkipSample(Exception):
     """A sample that cannot become a row; `reason` is one of the reason constants of this module."""
 
