@@ -1,4 +1,4 @@
-"""Nearest-code search for Gaussian Quant: one function, both rules, CPU (torch) and later GPU (CuPy)."""
+"""Nearest-code search for Gaussian Quant: one function, both rules, torch on the CPU or a CuPy kernel."""
 
 from kernels.rules import RULES
 from kernels.search import DEFAULT_SCRATCH_BYTES, nearest_code

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from kernels.rules import check_rule
 from kernels.tiled import search_tiled
 
 DEFAULT_SCRATCH_BYTES = 64 * 2**20
+BACKENDS = ("auto", "fused", "tiled")
+
+
+def fused_available() -> bool:
+    """Whether CuPy imports here (the fused kernel's runtime); the kernel itself needs a CUDA device."""
+    try:
+        import cupy  # noqa: F401
+    except Exception:  # ImportError, or a CuPy built for a CUDA this machine lacks
+        return False
+    return True
 
 
 def nearest_code(
@@ -18,6 +30,7 @@ def nearest_code(
     rule: str = "posterior",
     beta: float = 1.0,
     scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Index of the best code for each query row, int64 of shape (n,).
 
@@ -25,8 +38,14 @@ def nearest_code(
     codes: (K, d) float32. rule="posterior" maximises sum_i -(c_i - mu_i)^2 / sigma_i^2 + beta * c_i^2,
     rule="mean" minimises ||c - mu||^2. Ties go to the lowest index. Scratch memory stays within
     `scratch_bytes` whatever n is.
+
+    backend: "fused" runs the CuPy kernel (CUDA tensors only), "tiled" the plain-torch path (any
+    device), "auto" the kernel on CUDA tensors where CuPy imports and the tiled path otherwise.
+    Both give the same answer: the float64 argmax of the rule.
     """
     check_rule(rule)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if mu.dim() != 2 or codes.dim() != 2 or mu.shape[1] != codes.shape[1]:
         raise ValueError(
             f"expected mu (n, d) and codes (K, d), got {tuple(mu.shape)} and {tuple(codes.shape)}"
@@ -37,5 +56,18 @@ def nearest_code(
         raise ValueError(f"mu is on {mu.device} but codes are on {codes.device}")
     if mu.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=mu.device)
-    # Issue 6: the CuPy kernel takes CUDA tensors here; the tiled torch path serves every device until then.
+    if backend == "auto":
+        backend = "fused" if mu.is_cuda and fused_available() else "tiled"
+        if mu.is_cuda and backend == "tiled":
+            warnings.warn(
+                "CuPy does not import, so CUDA searches run the slower plain-torch path; "
+                "install the gpu extra (cupy-cuda12x or cupy-cuda13x) for the fused kernel",
+                stacklevel=2,
+            )
+    if backend == "fused":
+        if not mu.is_cuda:
+            raise ValueError(f"backend='fused' needs CUDA tensors, got {mu.device}")
+        from kernels.fused import search_fused
+
+        return search_fused(mu, logvar, codes, rule, beta, scratch_bytes)
     return search_tiled(mu, logvar, codes, rule, beta, scratch_bytes)

@@ -24,6 +24,9 @@ def random_queries(n: int, d: int, seed: int, bits: float | None = None):
 def check_against_reference(mu, logvar, codes, rule, beta=1.0, **kwargs):
     ours = nearest_code(mu, logvar, codes, rule=rule, beta=beta, **kwargs)
     ref, ref_score = reference_search(mu, logvar, codes, rule=rule, beta=beta)
+    result, ours = ours, ours.cpu()
+    mu, codes = mu.cpu(), codes.cpu()
+    logvar = None if logvar is None else logvar.cpu()
     assert ours.dtype == torch.int64 and ours.shape == (mu.shape[0],)
     differ = (ours != ref).nonzero().squeeze(1)
     assert len(differ) <= 1e-4 * mu.shape[0], f"{len(differ)} of {mu.shape[0]} queries disagree"
@@ -33,7 +36,7 @@ def check_against_reference(mu, logvar, codes, rule, beta=1.0, **kwargs):
         gap = ref_score[differ] - direct_scores(mu[differ], lv, chosen, rule, beta)
         assert (gap >= 0).all()
         assert (gap <= NEAR_TIE * score_scale(mu[differ], lv, chosen, rule, beta)).all()
-    return ours
+    return result
 
 
 @pytest.mark.parametrize("d", [1, 4, 8, 16])
