@@ -121,9 +121,21 @@ class GQVAE(nn.Module):
             raise ValueError(f"image height and width must be multiples of {f}, got {tuple(x.shape[-2:])}")
         return x
 
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images -> posterior (mu, logvar), each (B, C, H/f, W/f); logvar clamped to LOGVAR_RANGE."""
-        mu, logvar = self.encoder(self._input(images))
+    def encode(
+        self, images: torch.Tensor, autocast: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> posterior (mu, logvar), each (B, C, H/f, W/f) float32; logvar clamped to LOGVAR_RANGE.
+
+        autocast: run the encoder under torch.autocast in this dtype (torch.bfloat16 for speed on
+        tensor cores); the posterior comes back in float32 either way, so the search is unchanged.
+        """
+        x = self._input(images)
+        if autocast is None:
+            mu, logvar = self.encoder(x)
+        else:
+            with torch.autocast(device_type=x.device.type, dtype=autocast):
+                mu, logvar = self.encoder(x)
+            mu, logvar = mu.float(), logvar.float()
         return mu, clamp_logvar(logvar)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -131,9 +143,9 @@ class GQVAE(nn.Module):
         return self.decoder(z)
 
     @torch.no_grad()
-    def tokenize(self, images: torch.Tensor) -> torch.Tensor:
-        """Images -> tokens (B, H/f, W/f, groups) int64."""
-        mu, logvar = self.encode(images)
+    def tokenize(self, images: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:
+        """Images -> tokens (B, H/f, W/f, groups) int64; `autocast` as in `encode`."""
+        mu, logvar = self.encode(images, autocast)
         return self.quantizer.quantize(mu, logvar)
 
     @torch.no_grad()

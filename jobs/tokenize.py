@@ -53,6 +53,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="image decoding threads per actor (default: 1 on CPU actors, 4 on GPU actors)",
     )
+    p.add_argument(
+        "--encoder-precision",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: encoder under autocast (GPU tensor cores); the search stays float32",
+    )
+    p.add_argument(
+        "--jpeg-decoder",
+        choices=["pil", "nvjpeg"],
+        default="pil",
+        help="nvjpeg: decode JPEGs on the actor's GPU in batches (needs torchvision and --gpus-per-actor)",
+    )
     p.add_argument("--retries", type=int, default=3, help="attempts per shard after the first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary still prints)")
     args = p.parse_args(argv)
@@ -63,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.decode_threads = 1 if args.gpus_per_actor == 0 else 4
     if args.decode_threads < 0 or args.retries < 0 or args.gpus_per_actor < 0 or args.max_aspect < 1:
         p.error("--decode-threads, --retries, --gpus-per-actor must be >= 0 and --max-aspect >= 1")
+    if args.jpeg_decoder == "nvjpeg" and args.gpus_per_actor == 0:
+        p.error("--jpeg-decoder nvjpeg needs GPU actors (--gpus-per-actor > 0)")
     return args
 
 
@@ -73,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         limits=limits_from_args(args),
         batch_size=args.batch_size,
         decode_threads=args.decode_threads,
+        encoder_precision=args.encoder_precision,
+        jpeg_decoder=args.jpeg_decoder,
     )
     settings = JobSettings(
         input=args.input,

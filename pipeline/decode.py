@@ -196,7 +196,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarr
 
     with image:
         width, height = image.size
-        _check_size(width, height, limits)
+        check_size(width, height, limits)
         try:
             image.load()
             return _to_rgb(_apply_orientation(image))
@@ -208,7 +208,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarr
             raise _damaged(data, image.format, f"{type(e).__name__}: {e}") from None
 
 
-def _check_size(width: int, height: int, limits: DecodeLimits) -> None:
+def check_size(width: int, height: int, limits: DecodeLimits) -> None:
     size = f"{width}x{height}"
     if width * height > limits.max_pixels:
         raise SkipSample(TOO_MANY_PIXELS, f"{size} > {limits.max_pixels} pixels")

@@ -17,13 +17,18 @@ import numpy as np
 import torch
 
 import gq
+from pipeline import gpu_decode
 from pipeline.decode import TAR_TRUNCATED, Decoded, DecodeLimits, decode_sample
+from pipeline.gpu_decode import EncodedJpeg, GpuJpegDecoder
 from pipeline.manifest import token_url, write_manifest
 from pipeline.memory import peak_rss_mib
 from pipeline.prefetch import ordered_map
 from pipeline.samples import Skip, iter_samples
 from pipeline.shards import open_shard, shard_stem
 from pipeline.writer import parquet_bytes, token_table, write_atomic
+
+ENCODER_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+JPEG_DECODERS = ("pil", "nvjpeg")
 
 
 @dataclass(frozen=True)
@@ -37,11 +42,27 @@ class TokenizeOptions:
     # (decode overlapping encode) is enough there; a GPU actor wants as many as it has CPUs.
     decode_threads: int = 1
     prefetch_batches: int = 2  # decoded batches kept ahead of the model (bounds memory)
+    # "bfloat16" runs the encoder under autocast (tensor cores); the posterior and the search stay
+    # float32, but a few near-tie tokens can differ from a float32 run, so it is pinned in the run record.
+    encoder_precision: str = "float32"
+    # "nvjpeg" decodes JPEGs on the GPU in batches (torchvision) and resizes there with torch's
+    # antialiased bicubic, which differs slightly from PIL's: pinned in the run record too.
+    jpeg_decoder: str = "pil"
+
+    def __post_init__(self) -> None:
+        if self.encoder_precision not in ENCODER_PRECISIONS:
+            raise ValueError(f"encoder_precision must be one of {tuple(ENCODER_PRECISIONS)}")
+        if self.jpeg_decoder not in JPEG_DECODERS:
+            raise ValueError(f"jpeg_decoder must be one of {JPEG_DECODERS}, got {self.jpeg_decoder!r}")
 
     def preprocessing(self) -> dict:
         """The preprocessing as recorded in token files and run records."""
         return {
-            "resize": "shorter side to image_size, PIL bicubic (antialiased)",
+            "resize": gpu_decode.RESIZE
+            if self.jpeg_decoder == "nvjpeg"
+            else "shorter side to image_size, PIL bicubic (antialiased)",
+            "jpeg_decoder": self.jpeg_decoder,
+            "encoder_precision": self.encoder_precision,
             "crop": "center",
             "image_size": self.image_size,
             "input": "uint8 RGB; alpha composited on white; EXIF orientation applied",
@@ -73,7 +94,10 @@ class ShardTokenizer:
         device: str = "cpu",
         threads: int | None = None,
         expected_sha256: str | None = None,
+        jpeg_decoder: GpuJpegDecoder | None = None,
     ) -> None:
+        """jpeg_decoder: the batched GPU decoder for options.jpeg_decoder == "nvjpeg" (built here
+        from torchvision when not given; tests pass one with a CPU stand-in)."""
         if threads:
             torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in actors; use the CPUs we were given
         self.options = options or TokenizeOptions()
@@ -82,6 +106,11 @@ class ShardTokenizer:
         if expected_sha256 and self.model.checkpoint_sha256 != expected_sha256:
             raise ValueError(f"{checkpoint} changed during the run (sha256 differs from the run record)")
         self.checkpoint = checkpoint
+        self.jpeg_decoder = jpeg_decoder
+        if self.options.jpeg_decoder == "nvjpeg" and jpeg_decoder is None:
+            if self.device.type != "cuda" or not gpu_decode.nvjpeg_available():
+                raise ValueError("jpeg_decoder='nvjpeg' needs a CUDA device and torchvision")
+            self.jpeg_decoder = GpuJpegDecoder(self.options.image_size, self.device)
         f = self.model.downsample
         if self.options.image_size % f:
             raise ValueError(f"--image-size must be a multiple of {f}, got {self.options.image_size}")
@@ -120,10 +149,37 @@ class ShardTokenizer:
         }
 
     @torch.inference_mode()
-    def tokenize_images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (B, S, S, 3) -> tokens (B, tokens_per_image) int64, raster order."""
-        x = torch.from_numpy(images).to(self.device, non_blocking=True)
-        return self.model.tokenize(x).reshape(len(images), -1).cpu().numpy()
+    def tokenize_images(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """uint8 (B, S, S, 3) (numpy, or a tensor on any device) -> tokens (B, tokens_per_image) int64."""
+        x = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+        x = x.to(self.device, non_blocking=True)
+        autocast = ENCODER_PRECISIONS[self.options.encoder_precision]
+        return self.model.tokenize(x, autocast=autocast).reshape(len(images), -1).cpu().numpy()
+
+    def _batch_images(self, batch: list, skipped: list[dict]) -> torch.Tensor | np.ndarray | None:
+        """The batch's images as one uint8 (B, S, S, 3); GPU-decoded JPEGs join the CPU-decoded ones in
+        order, and a JPEG the GPU refuses is decoded on the CPU (dropped from `batch` if that skips)."""
+        pending = [i for i, d in enumerate(batch) if isinstance(d, EncodedJpeg)]
+        if not pending:
+            return np.stack([d.image for d in batch])
+        done, failed = self.jpeg_decoder([batch[i] for i in pending])
+        images: dict[int, torch.Tensor] = {pending[j]: image for j, image in done.items()}
+        opts = self.options
+        for j in failed:
+            item = batch[pending[j]]
+            out = decode_sample(item.sample, image_size=opts.image_size, limits=opts.limits)
+            if isinstance(out, Decoded):
+                batch[pending[j]] = out
+            else:
+                skipped.append(
+                    {"key": out.key, "index": out.index, "reason": out.reason, "detail": out.detail}
+                )
+                batch[pending[j]] = None
+        for i, d in enumerate(batch):
+            if isinstance(d, Decoded):
+                images[i] = torch.from_numpy(d.image).to(self.device, non_blocking=True)
+        batch[:] = [d for d in batch if d is not None]
+        return torch.stack([images[i] for i in sorted(images)]) if images else None
 
     def tokenize_shard(self, url: str) -> ShardResult:
         """Read, decode and tokenize one shard (nothing written)."""
@@ -145,7 +201,9 @@ class ShardTokenizer:
             if isinstance(item, Skip):
                 return item
             t = time.perf_counter()
-            out = decode_sample(item, image_size=opts.image_size, limits=opts.limits)
+            out = gpu_decode.screen(item, opts.limits) if self.jpeg_decoder is not None else None
+            if out is None:
+                out = decode_sample(item, image_size=opts.image_size, limits=opts.limits)
             with lock:
                 decode_s += time.perf_counter() - t
             return out
@@ -157,7 +215,9 @@ class ShardTokenizer:
             if not batch:
                 return
             t = time.perf_counter()
-            chunks.append(self.tokenize_images(np.stack([d.image for d in batch])))
+            images = self._batch_images(batch, skipped)
+            if batch:
+                chunks.append(self.tokenize_images(images))
             encode_s += time.perf_counter() - t
             for d in batch:
                 keys.append(d.key)
