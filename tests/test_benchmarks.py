@@ -1,0 +1,40 @@
+"""The GPU benchmark scripts' smoke modes: every code path runs on the CPU at a tiny size, so a script
+that would break on the device is caught here (their numbers are measured only on a GPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, out: Path) -> dict:
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--json", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return json.loads(out.read_text())
+
+
+def test_search_benchmark_smoke(tmp_path):
+    result = run("search_gpu.py", tmp_path / "search.json")
+    assert [r["rule"] for r in result["rules"]] == ["posterior", "mean"]
+    for row in result["rules"]:
+        # the path under test, the exact tiled path and both baselines find the same codes here
+        assert row["exact_tiled_agreement"] == 1.0
+        assert row["dense_agreement"] == 1.0 and row["dense_n"] == 2048
+        assert row["chunked_agreement"] > 0.999
+        assert row["ours_ms"] > 0 and row["dense_ms_scaled"] > 0
+
+
+def test_tokenizer_benchmark_smoke(tmp_path):
+    result = run("tokenizer_gpu.py", tmp_path / "tok.json")
+    rows = {(r["preset"], r["encoder"], r["jpeg_decoder"]): r for r in result["rows"]}
+    assert set(rows) == {("small-f8c16", "float32", "pil"), ("small-f8c16", "bfloat16", "pil")}
+    for r in rows.values():
+        assert abs(sum(r["stage_share"].values()) - 1) < 1e-9
+        assert r["bottleneck"] in r["stage_share"] and r["images_per_s"] > 0
+    assert 0.85 < rows[("small-f8c16", "bfloat16", "pil")]["token_agreement_with_float32"] <= 1
