@@ -133,19 +133,19 @@ def kernel_inputs(
 Launch = Callable[[LaunchPlan, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple]
 
 
-_MODULES: dict[str, object] = {}  # kernel name -> cupy.RawModule, compiled once per process
+_KERNELS: dict[str, tuple] = {}  # kernel name -> (gq_nearest, gq_merge) RawKernels; compiled once per process
 
 
-def _module(name: str):
+def _kernels(name: str) -> tuple:
     import cupy
 
-    module = _MODULES.get(name)
-    if module is None:
+    kernels = _KERNELS.get(name)
+    if kernels is None:
         module = cupy.RawModule(
             code=SOURCE_PATH.read_text(), options=("-std=c++17",), name_expressions=[name]
         )
-        _MODULES[name] = module
-    return module
+        kernels = _KERNELS[name] = (module.get_function(name), module.get_function("gq_merge"))
+    return kernels
 
 
 def cupy_launch(
@@ -167,8 +167,7 @@ def cupy_launch(
     idx = torch.empty((rows, n), dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device)
     with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
-        module = _module(plan.kernel_name)
-        kernel = module.get_function(plan.kernel_name)
+        kernel, merge = _kernels(plan.kernel_name)
         cq, ca, cb, cs, ci = (cupy.from_dlpack(t) for t in (q, a, best, second, idx))
         cbias = ca if bias is None else cupy.from_dlpack(bias)  # never read without BIAS
         kernel(
@@ -181,7 +180,6 @@ def cupy_launch(
         out_best = torch.empty(n, dtype=torch.float32, device=device)
         out_second = torch.empty_like(out_best)
         out_idx = torch.empty(n, dtype=torch.int32, device=device)
-        merge = module.get_function("gq_merge")
         threads = 256
         merge(
             (-(-n // threads),),

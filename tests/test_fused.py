@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from gq import GaussianCodebook
 from kernels import DEFAULT_SCRATCH_BYTES, nearest_code
 from kernels.fused import (
     SOURCE_PATH,
+    LaunchPlan,
     exact_rescore,
     kernel_inputs,
     padded_features,
@@ -309,3 +311,85 @@ def test_gpu_kernel_memory_is_linear_in_n_and_follows_torch_streams():
     assert extra < 400 * mu.shape[0] + 2 * DEFAULT_SCRATCH_BYTES
     tiled = nearest_code(mu, lv, codes, backend="tiled")
     assert torch.equal(ours, tiled)
+
+
+@needs_gxx
+def test_cupy_glue_passes_the_kernel_what_it_expects(host, monkeypatch):
+    """cupy_launch against a stand-in `cupy` whose kernels run the host emulation: checks the grid,
+    the block, the argument order and the merge hand-off of the real CuPy glue, on CPU tensors."""
+    import contextlib
+    import types
+
+    from kernels import fused
+
+    calls = []
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, grid, block, args):
+            calls.append((self.name, grid, block))
+            if self.name == "gq_merge":  # the merge rules, in numpy, on what the kernel wrote
+                best, second, idx, n, splits, ob, os_, oi = args
+                assert (int(n), int(splits)) == (best.shape[1], best.shape[0])
+                b, s, i = best[0].clone(), second[0].clone(), idx[0].clone()
+                for p in range(1, int(splits)):
+                    win = best[p] > b
+                    s = torch.where(
+                        win,
+                        torch.maximum(b, torch.maximum(s, second[p])),
+                        torch.maximum(s, torch.maximum(best[p], second[p])),
+                    )
+                    b, i = torch.where(win, best[p], b), torch.where(win, idx[p], i)
+                ob.copy_(b), os_.copy_(s), oi.copy_(i)
+                return
+            m, qpt, tk, threads, bias = re.match(
+                r"gq_nearest<(\d+), (\d+), (\d+), (\d+), (\w+)>", self.name
+            ).groups()
+            q, a, b, n, k, per_split, best, second, idx = args
+            n, k, per_split, qpt, threads = int(n), int(k), int(per_split), int(qpt), int(threads)
+            plan = LaunchPlan(int(m), qpt, int(tk), threads, bias == "true", grid[0], grid[1], per_split)
+            assert q.shape == (n, plan.m) and a.shape == (k, plan.m) and block == (threads,)
+            assert (
+                grid[0] == -(-n // (threads * qpt)) and (grid[1] - 1) * per_split < k <= grid[1] * per_split
+            )
+            assert best.shape == second.shape == idx.shape == (max(1, plan.scratch_rows), n)
+            out = host.run(plan, q.numpy(), a.numpy(), b.numpy() if bias == "true" else None)
+            best.copy_(torch.from_numpy(out["best"]))
+            second.copy_(torch.from_numpy(out["second"]))
+            idx.copy_(torch.from_numpy(out["idx"]))
+            Kernel.expected = out
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            assert code == SOURCE_PATH.read_text() and len(name_expressions) == 1
+
+        def get_function(self, name):
+            return Kernel(name)
+
+    fake = types.SimpleNamespace(
+        RawModule=RawModule,
+        from_dlpack=lambda t: t,
+        cuda=types.SimpleNamespace(
+            Device=lambda index: contextlib.nullcontext(),
+            ExternalStream=lambda ptr, dev: contextlib.nullcontext(),
+        ),
+    )
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(fused, "_KERNELS", {})
+    codes = GaussianCodebook(3000, 16).vectors
+    mu, lv = random_queries(700, 16, seed=21, bits=11.6)
+    for rule, lvr in (("posterior", lv), ("mean", None)):
+        q, a, bias, _ = kernel_inputs(mu, lvr, codes, rule, 1.0)
+        for sm, per_sm in ((1, 1), (8, 8)):  # one split, several splits
+            plan = plan_launch(700, 3000, q.shape[1], bias is not None, sm, blocks_per_sm=per_sm)
+            best, second, idx = fused.cupy_launch(plan, q, a, bias)
+            assert (plan.splits > 1) == (sm == 8)
+            assert torch.equal(best, torch.from_numpy(Kernel.expected["merged_best"]))
+            assert torch.equal(second, torch.from_numpy(Kernel.expected["merged_second"]))
+            assert torch.equal(idx, torch.from_numpy(Kernel.expected["merged_idx"]))
+        ours = search_fused(mu, lvr, codes, rule, 1.0, SCRATCH, launch=fused.cupy_launch, sm_count=8)
+        assert torch.equal(ours, search_tiled(mu, lvr, codes, rule, 1.0, SCRATCH))
+    assert [c[0] for c in calls].count("gq_merge") == 4  # the split launches, and only those
