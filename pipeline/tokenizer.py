@@ -175,11 +175,13 @@ class ShardTokenizer:
                     {"key": out.key, "index": out.index, "reason": out.reason, "detail": out.detail}
                 )
                 batch[pending[j]] = None
-        for i, d in enumerate(batch):
-            if isinstance(d, Decoded):
-                images[i] = torch.from_numpy(d.image).to(self.device, non_blocking=True)
-        batch[:] = [d for d in batch if d is not None]
-        return torch.stack([images[i] for i in sorted(images)]) if images else None
+        kept = [i for i, d in enumerate(batch) if d is not None]
+        on_cpu = [i for i in kept if isinstance(batch[i], Decoded)]
+        if on_cpu:  # one host-to-device copy for all of them
+            moved = torch.from_numpy(np.stack([batch[i].image for i in on_cpu])).to(self.device)
+            images.update(zip(on_cpu, moved, strict=True))
+        batch[:] = [batch[i] for i in kept]
+        return torch.stack([images[i] for i in kept]) if kept else None
 
     def tokenize_shard(self, url: str) -> ShardResult:
         """Read, decode and tokenize one shard (nothing written)."""
