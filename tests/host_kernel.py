@@ -17,24 +17,38 @@ HERE = Path(__file__).parent / "cuda_host"
 REPO = Path(__file__).parent.parent
 
 
+class SanitizerReport(AssertionError):
+    """The harness failed: a sanitizer's report, or a crash."""
+
+
 def compiler() -> str | None:
     return shutil.which("g++")
 
 
-class HostKernel:
-    """Compiles one harness per kernel configuration (with AddressSanitizer where g++ has it) into
-    `workdir` and runs it on numpy copies of the inputs."""
+SANITIZERS = {
+    "address": ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"],  # out-of-bounds, UB
+    "thread": ["-fsanitize=thread", "-g"],  # data races: a missing __syncthreads shows up here
+    None: [],
+}
 
-    def __init__(self, workdir: Path, sanitize: bool = True):
+
+class HostKernel:
+    """Compiles one harness per kernel configuration (with a sanitizer) into `workdir` and runs it on
+    numpy copies of the inputs. `source` replaces kernels/nearest.cu (to plant a bug in a copy)."""
+
+    def __init__(self, workdir: Path, sanitizer: str | None = "address", source: Path | None = None):
         self.workdir = Path(workdir)
-        self.sanitize = sanitize
+        self.sanitizer = sanitizer
+        self.source = source
         self._binaries: dict[tuple, Path] = {}
 
     def binary(self, plan: LaunchPlan) -> Path:
         key = (plan.m, plan.queries_per_thread, plan.tile_codes, plan.threads, plan.bias)
         if key not in self._binaries:
-            out = self.workdir / ("harness_" + "_".join(str(int(v)) for v in key))
-            flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if self.sanitize else []
+            out = self.workdir / ("harness_" + "_".join(str(int(v)) for v in key) + f"_{self.sanitizer}")
+            flags = list(SANITIZERS[self.sanitizer])
+            if self.source is not None:
+                flags.append(f'-DGQ_KERNEL_SOURCE="{Path(self.source).resolve()}"')
             defines = [
                 f"-DGQ_M={plan.m}",
                 f"-DGQ_QPT={plan.queries_per_thread}",
@@ -49,7 +63,7 @@ class HostKernel:
         return self._binaries[key]
 
     def run(self, plan: LaunchPlan, q, a, bias) -> dict[str, np.ndarray]:
-        """Per-split and merged outputs as numpy arrays."""
+        """Per-split and merged outputs as numpy arrays; a sanitizer's report fails the run."""
         q = np.ascontiguousarray(np.asarray(q, dtype=np.float32))
         a = np.ascontiguousarray(np.asarray(a, dtype=np.float32))
         n, k = q.shape[0], a.shape[0]
@@ -69,11 +83,13 @@ class HostKernel:
             timeout=600,
             env={
                 **os.environ,
-                "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",
+                "ASAN_OPTIONS": "detect_leaks=0",
                 "UBSAN_OPTIONS": "halt_on_error=1",
+                "TSAN_OPTIONS": "halt_on_error=1",
             },
         )
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        if proc.returncode != 0 or "Sanitizer" in proc.stderr:
+            raise SanitizerReport(proc.stderr[-4000:] or f"exit status {proc.returncode}")
         raw = np.fromfile(dst, dtype=np.uint8)
         parts = plan.splits * n
         sizes = [("best", parts, np.float32), ("second", parts, np.float32), ("idx", parts, np.int32)]

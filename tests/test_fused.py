@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from host_kernel import HostKernel, compiler
+from host_kernel import HostKernel, SanitizerReport, compiler
 from test_search import check_against_reference, random_queries
 
 from gq import GaussianCodebook
@@ -393,3 +393,23 @@ def test_cupy_glue_passes_the_kernel_what_it_expects(host, monkeypatch):
         ours = search_fused(mu, lvr, codes, rule, 1.0, SCRATCH, launch=fused.cupy_launch, sm_count=8)
         assert torch.equal(ours, search_tiled(mu, lvr, codes, rule, 1.0, SCRATCH))
     assert [c[0] for c in calls].count("gq_merge") == 4  # the split launches, and only those
+
+
+@needs_gxx
+def test_kernel_has_no_data_race_and_the_check_would_see_one(tmp_path):
+    """ThreadSanitizer over the emulated blocks (real threads sharing the shared-memory tile): the
+    kernel is clean, and a copy without the barrier before the next tile load is caught."""
+    g = np.random.default_rng(2)
+    n, k, m = 1000, 6000, 8
+    q, a, b = (g.standard_normal(s).astype(np.float32) for s in ((n, m), (k, m), k))
+    plan = plan_launch(n, k, m, True, sm_count=2)
+    assert plan.splits > 1 and plan.codes_per_split > plan.tile_codes  # several tiles per block
+    clean = HostKernel(tmp_path, sanitizer="thread").run(plan, q, a, b)
+    assert (clean["merged_idx"] == float64_scores(q, a, b).argmax(1)).mean() > 0.99
+    racy = tmp_path / "racy.cu"
+    source = SOURCE_PATH.read_text()
+    barrier = "__syncthreads();  // the next tile overwrites shared memory"
+    assert barrier in source
+    racy.write_text(source.replace(barrier, ""))
+    with pytest.raises(SanitizerReport, match="data race"):
+        HostKernel(tmp_path, sanitizer="thread", source=racy).run(plan, q, a, b)

@@ -1,12 +1,15 @@
 // Runs kernels/nearest.cu on the CPU through shim.h, for one configuration fixed at compile time
-// (-DGQ_M -DGQ_QPT -DGQ_TK -DGQ_THREADS -DGQ_BIAS=0|1).
+// (-DGQ_M -DGQ_QPT -DGQ_TK -DGQ_THREADS -DGQ_BIAS=0|1; -DGQ_KERNEL_SOURCE='"path"' for another source).
 // Input file: int64 n, k, codes_per_split, splits; float32 q (n*M), a (k*M), bias (k, if GQ_BIAS).
 // Output file: float32 best, second and int32 idx per split (splits*n each), then the merged three (n each).
 #include <cstdint>
 #include <cstdio>
 
 #include "shim.h"
-#include "../../kernels/nearest.cu"
+#ifndef GQ_KERNEL_SOURCE
+#define GQ_KERNEL_SOURCE "../../kernels/nearest.cu"
+#endif
+#include GQ_KERNEL_SOURCE
 
 template <class T>
 static std::vector<T> read_array(std::FILE* f, size_t count) {
