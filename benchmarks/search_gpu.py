@@ -159,16 +159,24 @@ def run_rule(rule, mu, logvar, codes, args, device, rate) -> dict:
         from kernels.fused import cupy_launch
 
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        sweep = {}
-        for qpt in (1, 2, 4, 8):
-            if qpt * q.shape[1] > 256:
-                continue
-            plan = plan_launch(n, k, q.shape[1], bias is not None, sms, queries_per_thread=qpt)
-            sweep[qpt], _, out = timed(lambda plan=plan: cupy_launch(plan, q, a, bias), args.reps, device)
         default = plan_launch(n, k, q.shape[1], bias is not None, sms)
-        best, second, _ = cupy_launch(default, q, a, bias)
-        row["kernel_only_ms"] = sweep[default.queries_per_thread]
-        row["kernel_qpt_sweep_ms"] = sweep
+        best, second, idx = cupy_launch(default, q, a, bias)
+        sweep, same = {}, True
+        for threads in (64, 128, 256):
+            for qpt in (1, 2, 4, 8):
+                if qpt * q.shape[1] > 256:
+                    continue
+                plan = plan_launch(
+                    n, k, q.shape[1], bias is not None, sms, queries_per_thread=qpt, threads=threads
+                )
+                ms, _, out = timed(lambda plan=plan: cupy_launch(plan, q, a, bias), args.reps, device)
+                sweep[f"threads={threads} qpt={qpt}"] = ms
+                # every configuration does the same float32 operations per (query, code): same bits
+                same &= torch.equal(out[2], idx) and torch.equal(out[0], best) and torch.equal(out[1], second)
+        row["kernel_only_ms"] = sweep[f"threads={default.threads} qpt={default.queries_per_thread}"]
+        row["kernel_sweep_ms"] = sweep
+        row["kernel_sweep_best"] = min(sweep, key=sweep.get)
+        row["kernel_sweep_bit_identical"] = same
         row["plan"] = default.kernel_name + f" grid=({default.query_blocks}, {default.splits})"
         row["uncertified_rows"] = int((best.double() - second.double() <= 2 * err).sum())
     chunk_ms, _, chunked = timed(lambda: chunked_argmax(mu, lv, codes, rule), max(3, args.reps // 4), device)

@@ -147,6 +147,24 @@ def test_kernel_is_deterministic(host):
         assert first[name].tobytes() == second[name].tobytes(), name
 
 
+@needs_gxx
+def test_every_launch_configuration_gives_the_same_bits(host):
+    """Threads per block, queries per thread and K splits change the schedule, not the float32
+    operations per (query, code): best, second-best and index are bitwise equal."""
+    g = np.random.default_rng(4)
+    n, k, m = 700, 3000, 32
+    q, a = g.standard_normal((n, m)).astype(np.float32), g.standard_normal((k, m)).astype(np.float32)
+    outs = []
+    for threads, qpt, sm in ((128, None, 8), (64, 1, 1), (256, 2, 1)):
+        plan = plan_launch(n, k, m, False, sm, queries_per_thread=qpt, threads=threads)
+        outs.append((plan.splits, host.run(plan, q, a, None)))
+    assert len({splits for splits, _ in outs}) == 3
+    first = outs[0][1]
+    for _, out in outs[1:]:
+        for name in ("merged_best", "merged_second", "merged_idx"):
+            assert out[name].tobytes() == first[name].tobytes(), name
+
+
 # ---------------------------------------------------------------- the whole fused search, on the CPU
 
 
