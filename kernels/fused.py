@@ -107,7 +107,7 @@ def kernel_inputs(
     """
     n, d = mu.shape
     k = codes.shape[0]
-    m, bias_used = padded_features(d, rule)
+    m, _ = padded_features(d, rule)
     m_rule = feature_dim(d, rule)
     core = 2 * d if rule == "posterior" else d  # the mean rule's constant -1/2 feature is the bias
     codes32 = codes.float()

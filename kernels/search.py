@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -13,6 +14,7 @@ DEFAULT_SCRATCH_BYTES = 64 * 2**20
 BACKENDS = ("auto", "fused", "tiled")
 
 
+@functools.cache
 def fused_available() -> bool:
     """Whether CuPy imports here (the fused kernel's runtime); the kernel itself needs a CUDA device."""
     try:

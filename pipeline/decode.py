@@ -209,6 +209,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarr
 
 
 def check_size(width: int, height: int, limits: DecodeLimits) -> None:
+    """Raise SkipSample when a declared image size breaks the pixel, shorter-side or aspect limits."""
     size = f"{width}x{height}"
     if width * height > limits.max_pixels:
         raise SkipSample(TOO_MANY_PIXELS, f"{size} > {limits.max_pixels} pixels")
