@@ -48,11 +48,13 @@ def reference_search(
     rule: str = "posterior",
     beta: float = 1.0,
     chunk: int = 256,
+    device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices, best direct-form scores); ties go to the lowest index."""
+    """(indices, best direct-form scores) on the CPU; ties go to the lowest index. `device` is where
+    the float64 arithmetic runs (a GPU makes K = 2^20 affordable)."""
     check_rule(rule)
-    mu, codes = mu.detach().cpu(), codes.detach().cpu()
-    logvar = None if logvar is None else logvar.detach().cpu()
+    mu, codes = mu.detach().to(device), codes.detach().to(device)
+    logvar = None if logvar is None else logvar.detach().to(device)
     c64 = codes.double()
     c2 = c64**2
     cmax, c2max = c64.abs().amax(0), c2.amax(0)  # magnitudes bounded per coordinate

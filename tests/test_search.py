@@ -23,7 +23,7 @@ def random_queries(n: int, d: int, seed: int, bits: float | None = None):
 
 def check_against_reference(mu, logvar, codes, rule, beta=1.0, **kwargs):
     ours = nearest_code(mu, logvar, codes, rule=rule, beta=beta, **kwargs)
-    ref, ref_score = reference_search(mu, logvar, codes, rule=rule, beta=beta)
+    ref, ref_score = reference_search(mu, logvar, codes, rule=rule, beta=beta, device=mu.device)
     result, ours = ours, ours.cpu()
     mu, codes = mu.cpu(), codes.cpu()
     logvar = None if logvar is None else logvar.cpu()
