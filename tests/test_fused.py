@@ -203,6 +203,20 @@ def test_fused_search_resolves_duplicated_codes_to_the_lower_index(host):
 
 
 @needs_gxx
+def test_fused_search_at_the_logvar_clamp(host):
+    """Precisions from e^-20 to e^30 (the quantizer's logvar clamp) make scores of very different sizes
+    inside one query: still finite, and still the CPU path's answer."""
+    codes = GaussianCodebook(2048, 8).vectors
+    g = torch.Generator().manual_seed(8)
+    mu = torch.randn(600, 8, generator=g) * 3
+    logvar = torch.full((600, 8), 20.0)
+    logvar[:200] = -30.0
+    logvar[200:400] = torch.where(torch.rand(200, 8, generator=g) < 0.5, -30.0, 20.0)
+    ours = search_fused(mu, logvar, codes, "posterior", 1.0, SCRATCH, launch=host.launch, sm_count=4)
+    assert torch.equal(ours, search_tiled(mu, logvar, codes, "posterior", 1.0, SCRATCH))
+
+
+@needs_gxx
 def test_fused_search_rejects_non_finite_queries(host):
     codes = GaussianCodebook(256, 4).vectors
     mu = torch.zeros(10, 4)
