@@ -164,16 +164,18 @@ def run_rule(rule, mu, logvar, codes, args, device, rate) -> dict:
         sweep, same = {}, True
         for threads in (64, 128, 256):
             for qpt in (1, 2, 4, 8):
-                if qpt * q.shape[1] > 256:
-                    continue
-                plan = plan_launch(
-                    n, k, q.shape[1], bias is not None, sms, queries_per_thread=qpt, threads=threads
-                )
-                ms, _, out = timed(lambda plan=plan: cupy_launch(plan, q, a, bias), args.reps, device)
-                sweep[f"threads={threads} qpt={qpt}"] = ms
-                # every configuration does the same float32 operations per (query, code): same bits
-                same &= torch.equal(out[2], idx) and torch.equal(out[0], best) and torch.equal(out[1], second)
-        row["kernel_only_ms"] = sweep[f"threads={default.threads} qpt={default.queries_per_thread}"]
+                for unroll in (1, 2):
+                    if qpt * q.shape[1] > 256:
+                        continue
+                    plan = plan_launch(
+                        n, k, q.shape[1], bias is not None, sms, queries_per_thread=qpt, threads=threads,
+                        code_unroll=unroll,
+                    )  # fmt: skip
+                    ms, _, out = timed(lambda plan=plan: cupy_launch(plan, q, a, bias), args.reps, device)
+                    sweep[f"threads={threads} qpt={qpt} unroll={unroll}"] = ms
+                    # every configuration does the same float32 operations per (query, code): same bits
+                    same &= all(torch.equal(x, y) for x, y in zip(out, (best, second, idx), strict=True))
+        row["kernel_only_ms"] = sweep[f"threads={default.threads} qpt={default.queries_per_thread} unroll=1"]
         row["kernel_sweep_ms"] = sweep
         row["kernel_sweep_best"] = min(sweep, key=sweep.get)
         row["kernel_sweep_bit_identical"] = same

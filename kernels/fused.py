@@ -35,6 +35,7 @@ class LaunchPlan:
     threads: threads per block.
     bias: whether scores start from a per-code offset (the mean rule's -||c||^2 / 2).
     query_blocks, splits: the grid; splits cut K into ranges of `codes_per_split` codes, merged after.
+    code_unroll: codes per trip of the inner loop (more independent FMA chains; same results).
     """
 
     m: int
@@ -45,11 +46,13 @@ class LaunchPlan:
     query_blocks: int
     splits: int
     codes_per_split: int
+    code_unroll: int = 1
 
     @property
     def kernel_name(self) -> str:
         bias = "true" if self.bias else "false"
-        return f"gq_nearest<{self.m}, {self.queries_per_thread}, {self.tile_codes}, {self.threads}, {bias}>"
+        shape = f"{self.m}, {self.queries_per_thread}, {self.tile_codes}, {self.threads}"
+        return f"gq_nearest<{shape}, {bias}, {self.code_unroll}>"
 
     @property
     def scratch_rows(self) -> int:
@@ -73,6 +76,7 @@ def plan_launch(
     queries_per_thread: int | None = None,
     threads: int = THREADS,
     blocks_per_sm: int = 8,
+    code_unroll: int = 1,
 ) -> LaunchPlan:
     """Pick the kernel's template parameters and grid for n queries, k codes and m padded features.
 
@@ -93,7 +97,7 @@ def plan_launch(
     splits = max(1, min(wanted, max_splits))
     per_split = -(-k // (splits * tile)) * tile  # ceil(k / splits), rounded up to whole tiles
     splits = -(-k // per_split)  # no empty split
-    return LaunchPlan(m, qpt, tile, threads, bias, query_blocks, splits, per_split)
+    return LaunchPlan(m, qpt, tile, threads, bias, query_blocks, splits, per_split, code_unroll)
 
 
 def kernel_inputs(

@@ -10,13 +10,14 @@
 // inputs give the same bits on every run) and keeps its best, its index and the second-best score.
 // Codes are visited in increasing index and only a strictly higher score replaces the best, so the
 // lowest index wins a tie; an equal score becomes the second-best, which the caller reads as "not
-// certified". Splits of K are merged by gq_merge in split order, with the same rules.
+// certified". Splits of K are merged by gq_merge in split order, with the same rules. UNROLL codes
+// per loop trip give the scheduler UNROLL x QPT independent FMA chains (the updates stay in order).
 
 #ifndef GQ_NEG_INF
 #define GQ_NEG_INF (-__int_as_float(0x7f800000))
 #endif
 
-template <int M, int QPT, int TK, int THREADS, bool BIAS>
+template <int M, int QPT, int TK, int THREADS, bool BIAS, int UNROLL>
 __global__ void __launch_bounds__(THREADS, 2) gq_nearest(
     const float* __restrict__ q,      // (n, M) query features, zero-padded to M
     const float* __restrict__ a,      // (k, M) code features, zero-padded to M
@@ -72,6 +73,7 @@ __global__ void __launch_bounds__(THREADS, 2) gq_nearest(
         }
         __syncthreads();
 
+#pragma unroll UNROLL
         for (int c = 0; c < count; ++c) {
             float acc[QPT];
 #pragma unroll

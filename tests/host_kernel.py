@@ -43,7 +43,7 @@ class HostKernel:
         self._binaries: dict[tuple, Path] = {}
 
     def binary(self, plan: LaunchPlan) -> Path:
-        key = (plan.m, plan.queries_per_thread, plan.tile_codes, plan.threads, plan.bias)
+        key = (plan.m, plan.queries_per_thread, plan.tile_codes, plan.threads, plan.bias, plan.code_unroll)
         if key not in self._binaries:
             out = self.workdir / ("harness_" + "_".join(str(int(v)) for v in key) + f"_{self.sanitizer}")
             flags = list(SANITIZERS[self.sanitizer])
@@ -55,6 +55,7 @@ class HostKernel:
                 f"-DGQ_TK={plan.tile_codes}",
                 f"-DGQ_THREADS={plan.threads}",
                 f"-DGQ_BIAS={int(plan.bias)}",
+                f"-DGQ_UNROLL={plan.code_unroll}",
             ]
             cmd = [compiler(), "-std=c++20", "-O1", "-ffp-contract=off", "-pthread", *flags, *defines]
             cmd += [f"-I{HERE}", str(HERE / "harness.cpp"), "-o", str(out)]

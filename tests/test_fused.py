@@ -155,8 +155,8 @@ def test_every_launch_configuration_gives_the_same_bits(host):
     n, k, m = 700, 3000, 32
     q, a = g.standard_normal((n, m)).astype(np.float32), g.standard_normal((k, m)).astype(np.float32)
     outs = []
-    for threads, qpt, sm in ((128, None, 8), (64, 1, 1), (256, 2, 1)):
-        plan = plan_launch(n, k, m, False, sm, queries_per_thread=qpt, threads=threads)
+    for threads, qpt, sm, unroll in ((128, None, 8, 1), (64, 1, 1, 2), (256, 2, 1, 4)):
+        plan = plan_launch(n, k, m, False, sm, queries_per_thread=qpt, threads=threads, code_unroll=unroll)
         outs.append((plan.splits, host.run(plan, q, a, None)))
     assert len({splits for splits, _ in outs}) == 3
     first = outs[0][1]
@@ -376,12 +376,14 @@ def test_cupy_glue_passes_the_kernel_what_it_expects(host, monkeypatch):
                     b, i = torch.where(win, best[p], b), torch.where(win, idx[p], i)
                 ob.copy_(b), os_.copy_(s), oi.copy_(i)
                 return
-            m, qpt, tk, threads, bias = re.match(
-                r"gq_nearest<(\d+), (\d+), (\d+), (\d+), (\w+)>", self.name
+            m, qpt, tk, threads, bias, unroll = re.match(
+                r"gq_nearest<(\d+), (\d+), (\d+), (\d+), (\w+), (\d+)>", self.name
             ).groups()
             q, a, b, n, k, per_split, best, second, idx = args
             n, k, per_split, qpt, threads = int(n), int(k), int(per_split), int(qpt), int(threads)
-            plan = LaunchPlan(int(m), qpt, int(tk), threads, bias == "true", grid[0], grid[1], per_split)
+            plan = LaunchPlan(
+                int(m), qpt, int(tk), threads, bias == "true", grid[0], grid[1], per_split, int(unroll)
+            )
             assert q.shape == (n, plan.m) and a.shape == (k, plan.m) and block == (threads,)
             assert (
                 grid[0] == -(-n // (threads * qpt)) and (grid[1] - 1) * per_split < k <= grid[1] * per_split

@@ -1,5 +1,6 @@
 // Runs kernels/nearest.cu on the CPU through shim.h, for one configuration fixed at compile time
-// (-DGQ_M -DGQ_QPT -DGQ_TK -DGQ_THREADS -DGQ_BIAS=0|1; -DGQ_KERNEL_SOURCE='"path"' for another source).
+// (-DGQ_M -DGQ_QPT -DGQ_TK -DGQ_THREADS -DGQ_BIAS=0|1 -DGQ_UNROLL; -DGQ_KERNEL_SOURCE='"path"' for
+// another source).
 // Input file: int64 n, k, codes_per_split, splits; float32 q (n*M), a (k*M), bias (k, if GQ_BIAS).
 // Output file: float32 best, second and int32 idx per split (splits*n each), then the merged three (n each).
 #include <cstdint>
@@ -45,7 +46,7 @@ int main(int argc, char** argv) {
     std::vector<int> idx(parts), midx(n);
     const unsigned qblocks = unsigned((n + GQ_THREADS * GQ_QPT - 1) / (GQ_THREADS * GQ_QPT));
     gq_launch(dim3{qblocks, unsigned(splits), 1}, dim3{GQ_THREADS, 1, 1}, [&] {
-        gq_nearest<GQ_M, GQ_QPT, GQ_TK, GQ_THREADS, bool(GQ_BIAS)>(
+        gq_nearest<GQ_M, GQ_QPT, GQ_TK, GQ_THREADS, bool(GQ_BIAS), GQ_UNROLL>(
             q.data(), a.data(), GQ_BIAS ? bias.data() : nullptr, n, k, per_split, best.data(),
             second.data(), idx.data());
     });
