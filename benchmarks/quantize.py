@@ -50,9 +50,10 @@ def matmul_gflops(size: int = 4096, reps: int = 5) -> float:
 def reference_torch_path(mu, std, prior, beta=1.0):
     """The reference's torch backend (GaussianQuantRegularizer, eval): n/8 queries at a time, the
     (n/8) x K x d log-probability broadcast, a sum over d, then argmax."""
-    normal_log_prob = Normal(torch.zeros(1, prior.shape[1]), torch.ones(1, prior.shape[1])).log_prob(prior)
+    ones = torch.ones(1, prior.shape[1], device=prior.device)
+    normal_log_prob = Normal(ones * 0, ones).log_prob(prior)
     bs = max(1, mu.shape[0] // 8)
-    indices = torch.zeros(mu.shape[0], dtype=torch.long)
+    indices = torch.zeros(mu.shape[0], dtype=torch.long, device=mu.device)
     for i in range(0, mu.shape[0], bs):
         q = Normal(mu[i : i + bs, None, :], std[i : i + bs, None, :])
         log_ratios = q.log_prob(prior[None]) - normal_log_prob[None] * beta

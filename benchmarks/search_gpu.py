@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.distributions import Normal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quantize import reference_torch_path  # noqa: E402  (the reference's dense path, device-aware)
 
 from gq import GaussianCodebook  # noqa: E402
 from gq.synthetic import posteriors_at_rate  # noqa: E402
@@ -87,22 +88,6 @@ def fma_rate(device: torch.device) -> tuple[float, str]:
     median, best, _ = timed(run, 10, device)
     fmas = blocks * threads * iters * 8
     return fmas / (best / 1e3), f"{blocks} blocks x {threads} threads x 8 chains x {iters} FMAs, best of 10"
-
-
-def reference_dense(mu, std, prior, beta=1.0):
-    """The reference's torch path (GaussianQuantRegularizer, eval): n/8 queries at a time, the
-    (n/8) x K x d log-probability broadcast, a sum over d, then argmax."""
-    normal_log_prob = Normal(
-        torch.zeros(1, prior.shape[1], device=prior.device),
-        torch.ones(1, prior.shape[1], device=prior.device),
-    ).log_prob(prior)
-    bs = max(1, mu.shape[0] // 8)
-    indices = torch.zeros(mu.shape[0], dtype=torch.long, device=mu.device)
-    for i in range(0, mu.shape[0], bs):
-        q = Normal(mu[i : i + bs, None, :], std[i : i + bs, None, :])
-        log_ratios = q.log_prob(prior[None]) - normal_log_prob[None] * beta
-        indices[i : i + bs] = torch.argmax(log_ratios.sum(2), dim=1)
-    return indices
 
 
 def reference_dense_mean(mu, prior):
@@ -187,7 +172,7 @@ def run_rule(rule, mu, logvar, codes, args, device, rate) -> dict:
     n_dense = dense_size(n, k, d, device, args.smoke)
     if rule == "posterior":
         std = torch.exp(0.5 * logvar[:n_dense])
-        dense_ms, _, dense = timed(lambda: reference_dense(mu[:n_dense], std, codes), 2, device)
+        dense_ms, _, dense = timed(lambda: reference_torch_path(mu[:n_dense], std, codes), 2, device)
     else:
         dense_ms, _, dense = timed(lambda: reference_dense_mean(mu[:n_dense], codes), 2, device)
     row["dense_n"] = n_dense
