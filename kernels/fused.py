@@ -60,10 +60,15 @@ class LaunchPlan:
         return 0 if self.splits == 1 else self.splits
 
 
+def core_features(dim: int, rule: str) -> int:
+    """Features the kernel multiplies: 2d for the posterior rule, d for the mean rule (whose constant
+    -1/2 feature becomes the per-code bias)."""
+    return 2 * dim if rule == "posterior" else dim
+
+
 def padded_features(dim: int, rule: str) -> tuple[int, bool]:
     """(m, bias): the kernel's feature count for `dim`-dimensional groups and whether it uses a bias."""
-    core = 2 * dim if rule == "posterior" else dim
-    return -(-core // 4) * 4, rule == "mean"
+    return -(-core_features(dim, rule) // 4) * 4, rule == "mean"
 
 
 def plan_launch(
@@ -113,7 +118,7 @@ def kernel_inputs(
     k = codes.shape[0]
     m, _ = padded_features(d, rule)
     m_rule = feature_dim(d, rule)
-    core = 2 * d if rule == "posterior" else d  # the mean rule's constant -1/2 feature is the bias
+    core = core_features(d, rule)
     codes32 = codes.float()
     bound = code_feature_bound(codes32, rule)
     q = mu.new_zeros((n, m), dtype=torch.float32)
@@ -261,8 +266,7 @@ def search_fused(
     `launch` runs the kernel (CuPy on CUDA tensors; the CPU tests pass a host emulation of the
     same source); `sm_count` defaults to the device's multiprocessor count.
     """
-    n, d = mu.shape
-    k = codes.shape[0]
+    n, k = mu.shape[0], codes.shape[0]
     q, a, bias, err = kernel_inputs(mu, logvar, codes, rule, beta)
     if sm_count is None:
         sm_count = torch.cuda.get_device_properties(mu.device).multi_processor_count

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from pipeline.decode import DecodeLimits, SkipSample, check_size, find_image, label_of
+from pipeline.preprocess import resized_shape
 from pipeline.samples import Sample
 
 _ORIENTATION = 0x0112
@@ -67,19 +68,17 @@ def screen(sample: Sample, limits: DecodeLimits) -> EncodedJpeg | None:
 
 def resize_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (3, H, W) -> uint8 (size, size, 3): shorter side to `size` (bicubic, antialiased, the
-    longer side rounded as in pipeline.preprocess), then the center crop."""
+    geometry of pipeline.preprocess), then the center crop."""
     _, height, width = image.shape
     if min(height, width) == size:
         resized = image
     else:
-        scale = size / min(height, width)
-        if height <= width:
-            new_h, new_w = size, max(size, round(width * scale))
-        else:
-            new_h, new_w = max(size, round(height * scale)), size
-        x = image[None].float()
         x = torch.nn.functional.interpolate(
-            x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False
+            image[None].float(),
+            size=resized_shape(height, width, size),
+            mode="bicubic",
+            antialias=True,
+            align_corners=False,
         )
         resized = x[0].round_().clamp_(0, 255).to(torch.uint8)
     top, left = (resized.shape[1] - size) // 2, (resized.shape[2] - size) // 2

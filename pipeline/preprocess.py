@@ -39,15 +39,20 @@ def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
     height, width = image.shape[:2]
     if min(height, width) == size:
         return image
-    scale = size / min(height, width)
-    if height <= width:
-        new_height, new_width = size, max(size, round(width * scale))
-    else:
-        new_height, new_width = max(size, round(height * scale)), size
+    new_height, new_width = resized_shape(height, width, size)
     resized = Image.fromarray(image).resize(
         (new_width, new_height), Image.Resampling.BICUBIC, reducing_gap=None
     )
     return np.array(resized)  # np.asarray of a PIL image is read-only
+
+
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) with the shorter side exactly `size` and the aspect ratio kept (longer side
+    rounded, never below `size`): the geometry every resize here uses, on the CPU or the GPU."""
+    scale = size / min(height, width)
+    if height <= width:
+        return size, max(size, round(width * scale))
+    return max(size, round(height * scale)), size
 
 
 def to_model_input(images: np.ndarray | list[np.ndarray]) -> torch.Tensor:

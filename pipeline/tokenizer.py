@@ -171,9 +171,7 @@ class ShardTokenizer:
             if isinstance(out, Decoded):
                 batch[pending[j]] = out
             else:
-                skipped.append(
-                    {"key": out.key, "index": out.index, "reason": out.reason, "detail": out.detail}
-                )
+                skipped.append(asdict(out))
                 batch[pending[j]] = None
         kept = [i for i, d in enumerate(batch) if d is not None]
         on_cpu = [i for i in kept if isinstance(batch[i], Decoded)]
@@ -234,9 +232,7 @@ class ShardTokenizer:
                 if isinstance(out, Skip):
                     if out.reason == TAR_TRUNCATED:
                         truncated = True
-                    skipped.append(
-                        {"key": out.key, "index": out.index, "reason": out.reason, "detail": out.detail}
-                    )
+                    skipped.append(asdict(out))
                     continue
                 batch.append(out)
                 if len(batch) >= opts.batch_size:
