@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import duckdb
@@ -16,6 +17,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
+from processes import kill_marked
 from shardmaker import bad_input_samples, make_shard
 
 import gq
@@ -24,6 +26,7 @@ from pipeline.tokenizer import ShardTokenizer, TokenizeOptions
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
+MARKER = "GQ_TEST_JOB"
 pytestmark = pytest.mark.slow
 
 
@@ -72,10 +75,27 @@ def wait_for_commits(out_dir, n, proc, timeout=180):
     raise AssertionError("timed out waiting for commits")
 
 
-def kill_group(proc):
+def start_job(cmd):
+    """Start the job in its own session, its environment marked so kill_job can find every process of it."""
+    token = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env={**os.environ, MARKER: token}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    proc.marker = f"{MARKER}={token}"
+    return proc
+
+
+def kill_job(proc, timeout=30):
+    """SIGKILL the driver's process group and every process it started, and wait until all are gone.
+
+    Ray actors run in sessions of their own, so a group kill alone leaves an actor alive for a moment,
+    long enough to commit the shard it was on after the test has counted the commits.
+    """
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc.wait(timeout=timeout)
+    kill_marked(proc.marker, timeout)
 
 
 @pytest.fixture
@@ -153,13 +173,11 @@ def many_shards(tmp_path):
 def test_sigkill_driver_then_resume(tmp_path, many_shards, small_checkpoint):
     out = tmp_path / "tokens"
     cmd = job_cmd(many_shards[0].parent, out, small_checkpoint, "--image-size", "128")
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-    )
+    proc = start_job(cmd)
     try:
         wait_for_commits(out, 2, proc)
     finally:
-        kill_group(proc)
+        kill_job(proc)
     committed = len(list((out / "_manifest").glob("*.json")))
     assert committed < len(many_shards), (
         "the job finished before the kill; the test needs more work per shard"
@@ -174,15 +192,13 @@ def test_sigkill_driver_then_resume(tmp_path, many_shards, small_checkpoint):
 def test_sigkill_actor_is_replaced(tmp_path, many_shards, small_checkpoint):
     out = tmp_path / "tokens"
     cmd = job_cmd(many_shards[0].parent, out, small_checkpoint, "--image-size", "128")
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    proc = start_job(cmd)
     try:
         first = wait_for_commits(out, 1, proc)[0]
         os.kill(json.loads(first.read_text())["worker"]["pid"], signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=240)
     finally:
-        kill_group(proc)
+        kill_job(proc)
     assert proc.returncode == 0, stderr[-3000:]
     assert "actors replaced" in stdout and "16/16 committed" in stdout
     pids = {json.loads(p.read_text())["worker"]["pid"] for p in (out / "_manifest").glob("*.json")}

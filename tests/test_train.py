@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import processes_with
 from shardmaker import jpeg_bytes, make_shard, photo_like, shard_samples
 
 import gq
@@ -248,19 +249,6 @@ def registered(out: Path, name: str) -> bool:
     except (OSError, ValueError):
         return False
     return any(r["checkpoint_dir_name"] == name for r in snapshot.get("checkpoint_results", []))
-
-
-def processes_with(marker: str) -> list[int]:
-    """Processes of this machine whose environment carries our marker (the job, Ray's daemons, workers)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
 
 
 def assert_no_stray_processes(marker: str, wait: float = 30.0) -> None:
