@@ -176,7 +176,8 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarr
     The declared size is checked before any pixel is decoded: width * height against max_pixels
     (decompression bombs), shorter side against min_side, longer / shorter against max_aspect (the last
     two do not change under the EXIF rotation, so the header size serves). CMYK, grayscale, 16-bit
-    (scaled, 65535 -> 255), palette and alpha images are converted; alpha is composited on white.
+    (scaled, 65535 -> 255), float (0..1 scaled to 0..255, else clipped to 0..255; NaN or infinity is
+    corrupt), palette and alpha images are converted; alpha is composited on white.
     """
     if not data:
         raise SkipSample(EMPTY, "0 bytes")
@@ -202,7 +203,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarr
             return _to_rgb(_apply_orientation(image))
         except Image.DecompressionBombError as e:  # a GIF frame larger than the declared screen
             raise SkipSample(TOO_MANY_PIXELS, str(e)) from None
-        except MemoryError:
+        except (MemoryError, SkipSample):
             raise
         except Exception as e:
             raise _damaged(data, image.format, f"{type(e).__name__}: {e}") from None
@@ -288,7 +289,13 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
         return _gray_to_rgb(((values * 255 + 32767) // 65535).astype(np.uint8))
     if mode == "F":
-        return _gray_to_rgb(np.clip(np.asarray(image), 0, 255).round().astype(np.uint8))
+        # 32-bit float gray (float TIFF): most writers store 0..1, some 0..255; values all within 0..1 are
+        # taken as the former (a 0..255 image that dark is black either way)
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise SkipSample(CORRUPT, "non-finite pixel values (float image)")
+        scale = 255.0 if values.size and values.min() >= 0 and values.max() <= 1 else 1.0
+        return _gray_to_rgb(np.clip(values * scale, 0, 255).round().astype(np.uint8))
     palette_alpha = mode == "P" and image.palette is not None and image.palette.mode == "RGBA"
     if mode in _ALPHA_MODES or "transparency" in image.info or palette_alpha:
         return _on_white(np.asarray(image.convert("RGBA")))

@@ -157,6 +157,26 @@ def test_other_modes_convert():
         assert decode_image(buffer.getvalue()).shape == (80, 90, 3), fmt
 
 
+def float_tiff(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(values.astype(np.float32)).save(buffer, format="TIFF")  # mode "F"
+    return buffer.getvalue()
+
+
+def test_float_tiff_in_unit_range_is_scaled_and_0_255_kept():
+    gray = photo_like(12, 80, 90)[..., 1]
+    unit = decode_image(float_tiff(gray / 255.0))
+    assert np.abs(unit[..., 0].astype(int) - gray).max() <= 1  # 0..1 -> 0..255, not a black image
+    assert np.array_equal(decode_image(float_tiff(gray.astype(np.float32))), np.repeat(gray[..., None], 3, 2))
+    clipped = decode_image(float_tiff(np.full((80, 90), 300.0)))
+    assert clipped.min() == 255
+    nan = np.full((80, 90), 0.5)
+    nan[3, 4] = np.nan
+    with pytest.raises(SkipSample) as e:
+        decode_image(float_tiff(nan))
+    assert e.value.reason == CORRUPT and "non-finite" in e.value.detail
+
+
 def test_exif_orientation_is_applied():
     stored = exif_rotated_jpeg(100, 200, orientation=6)
     assert Image.open(io.BytesIO(stored)).size == (200, 100)
