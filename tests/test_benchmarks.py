@@ -1,5 +1,6 @@
-"""The GPU benchmark scripts' smoke modes: every code path runs on the CPU at a tiny size, so a script
-that would break on the device is caught here (their numbers are measured only on a GPU)."""
+"""Benchmark scripts at a tiny size on the CPU: the GPU scripts' smoke modes (every code path, so a script
+that would break on the device is caught here; their numbers are measured only on a GPU), and the JPEG
+draft benchmark on generated JPEGs."""
 
 import json
 import subprocess
@@ -38,3 +39,21 @@ def test_tokenizer_benchmark_smoke(tmp_path):
         assert abs(sum(r["stage_share"].values()) - 1) < 1e-9
         assert r["bottleneck"] in r["stage_share"] and r["images_per_s"] > 0
     assert 0.85 < rows[("small-f8c16", "bfloat16", "pil")]["token_agreement_with_float32"] <= 1
+
+
+def test_jpeg_draft_benchmark(tmp_path, small_checkpoint):
+    from PIL import Image
+    from shardmaker import photo_like
+
+    for i in range(3):
+        Image.fromarray(photo_like(i, 600, 900)).save(tmp_path / f"{i}.jpg", quality=92)
+    out = tmp_path / "draft.json"
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "jpeg_draft.py"), "--images", str(tmp_path / "*.jpg"),
+         "--image-size", "64", "--repeat", "1", "--checkpoint", small_checkpoint, "--json", str(out)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["images"] == 3 and result["megapixels_mean"] == 0.54
+    assert result["crops_identical"] == 0 and result["psnr_db_min"] > 35  # 1/4 scale, then the resize
+    assert result["images_per_s"]["pil-draft"] > 0 and 0 < result["tokens_equal"] <= 1

@@ -37,6 +37,7 @@ from pipeline.decode import (
     find_image,
     label_of,
 )
+from pipeline.preprocess import preprocess
 from pipeline.samples import Sample, Skip, iter_samples
 from pipeline.shard_writer import write_shard
 from pipeline.shards import open_shard
@@ -175,6 +176,43 @@ def test_float_tiff_in_unit_range_is_scaled_and_0_255_kept():
     with pytest.raises(SkipSample) as e:
         decode_image(float_tiff(nan))
     assert e.value.reason == CORRUPT and "non-finite" in e.value.detail
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def test_jpeg_draft_decodes_at_a_reduced_scale_close_to_the_full_decode():
+    big = jpeg_bytes(photo_like(13, 1200, 1800), quality=95)
+    full = decode_image(big)
+    drafted = decode_image(big, draft_side=256)
+    assert full.shape == (1200, 1800, 3)
+    assert drafted.shape == (300, 450, 3)  # 1/4: the smallest libjpeg scale keeping the shorter side >= 256
+    assert decode_image(big, draft_side=600).shape == (600, 900, 3)  # exactly 1/2 is enough
+    # what the tokenizer sees (draft side = DRAFT_MARGIN x the crop size): close to the full decode's
+    assert psnr_db(preprocess(full, 128), preprocess(drafted, 128)) > 40
+
+    # nothing to gain: a JPEG whose shorter side is below twice the draft side, and other formats, decode
+    # bit for bit as without the option
+    small = jpeg_bytes(photo_like(14, 300, 500))
+    assert np.array_equal(decode_image(small, draft_side=256), decode_image(small))
+    png = png_bytes(photo_like(15, 1200, 1600))
+    assert np.array_equal(decode_image(png, draft_side=256), decode_image(png))
+
+
+def test_jpeg_draft_keeps_orientation_and_limits():
+    rotated = exif_rotated_jpeg(height=1000, width=2000)  # displayed 1000 wide, 2000 high
+    full, drafted = decode_image(rotated), decode_image(rotated, draft_side=200)
+    assert full.shape == (2000, 1000, 3) and drafted.shape == (500, 250, 3)
+    assert tuple(drafted[10, -10]) == pytest.approx((255, 0, 0), abs=40)  # the red corner, now top right
+    assert psnr_db(preprocess(full, 100), preprocess(drafted, 100)) > 35
+    # the limits apply to the declared size, before any reduction
+    with pytest.raises(SkipSample) as e:
+        decode_image(
+            jpeg_bytes(photo_like(16, 1200, 1800)), DecodeLimits(max_pixels=1_000_000), draft_side=64
+        )
+    assert e.value.reason == TOO_MANY_PIXELS
 
 
 def test_exif_orientation_is_applied():

@@ -23,14 +23,15 @@ from pipeline.writer import read_metadata
 OPTS = TokenizeOptions(image_size=64, batch_size=4, decode_threads=2)
 
 
-def reference_tokens(tar_path, checkpoint, image_size=64, batch_size=4):
+def reference_tokens(tar_path, checkpoint, image_size=64, batch_size=4, draft_side=None):
     """Independent path: tarfile + decode_image + preprocess, then the model, batch by batch."""
     images, keys = [], []
     with tarfile.open(tar_path) as tar:
         for m in tar.getmembers():
             if m.name.endswith(".jpg"):
                 keys.append(m.name[: -len(".jpg")])
-                images.append(preprocess(decode_image(tar.extractfile(m).read()), image_size))
+                image = decode_image(tar.extractfile(m).read(), draft_side=draft_side)
+                images.append(preprocess(image, image_size))
     model = gq.load(checkpoint)
     out = [
         model.tokenize(torch.from_numpy(np.stack(images[i : i + batch_size]))).reshape(-1, 64).numpy()
@@ -69,6 +70,21 @@ def test_tokens_equal_model_tokenize(tmp_path, small_checkpoint):
     assert read_manifest(str(tmp_path / "out"), "train-000000") == json.loads(json.dumps(record))
 
 
+def test_pil_draft_tokens_are_the_model_on_draft_decoded_images(tmp_path, small_checkpoint):
+    shard = tmp_path / "big.tar"
+    keys = make_shard(str(shard), 6, seed=3, size=(600, 900))
+    opts = TokenizeOptions(image_size=64, batch_size=4, decode_threads=2, jpeg_decoder="pil-draft")
+    ShardTokenizer(small_checkpoint, opts).process(str(shard), str(tmp_path / "out"))
+    table = pq.read_table(tmp_path / "out" / "big.parquet")
+    ref_keys, ref_tokens = reference_tokens(shard, small_checkpoint, draft_side=128)  # 2 x 64: 1/4 scale
+    assert table["key"].to_pylist() == keys == ref_keys
+    np.testing.assert_array_equal(np.stack(table["tokens"].to_pylist()), ref_tokens)
+    _, full_tokens = reference_tokens(shard, small_checkpoint)
+    assert not np.array_equal(ref_tokens, full_tokens)  # the option changed the pixels the model saw
+    preprocessing = read_metadata(str(tmp_path / "out" / "big.parquet"))["preprocessing"]
+    assert preprocessing["jpeg_decoder"] == "pil-draft" and "1/2-1/8 scale" in preprocessing["resize"]
+
+
 def test_metadata_is_complete(tmp_path, small_checkpoint):
     shard = tmp_path / "s.tar"
     make_shard(str(shard), 2, seed=2)
@@ -90,11 +106,13 @@ def test_metadata_is_complete(tmp_path, small_checkpoint):
     assert meta["gq_version"] == gq.__version__
 
 
-def test_bad_input_every_sample_is_a_row_or_a_reasoned_skip(tmp_path, small_checkpoint):
+@pytest.mark.parametrize("jpeg_decoder", ["pil", "pil-draft"])
+def test_bad_input_every_sample_is_a_row_or_a_reasoned_skip(tmp_path, small_checkpoint, jpeg_decoder):
     samples, expected = bad_input_samples()
     shard = tmp_path / "bad.tar"
     write_shard(str(shard), samples)
-    record = ShardTokenizer(small_checkpoint, OPTS).process(str(shard), str(tmp_path / "out"))
+    opts = TokenizeOptions(image_size=64, batch_size=4, decode_threads=2, jpeg_decoder=jpeg_decoder)
+    record = ShardTokenizer(small_checkpoint, opts).process(str(shard), str(tmp_path / "out"))
     table = pq.read_table(tmp_path / "out" / "bad.parquet")
     rows = table["key"].to_pylist()
     skipped = {s["key"]: s["reason"] for s in record["skipped"]}
