@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import gq  # noqa: E402
-from pipeline.decode import DRAFT_MARGIN, decode_image, find_image  # noqa: E402
+from pipeline.decode import DRAFT_MARGIN, decode_image_and_shape, find_image  # noqa: E402
 from pipeline.preprocess import preprocess  # noqa: E402
 from pipeline.samples import Sample, iter_samples  # noqa: E402
 from pipeline.shards import is_shard_file, open_shard  # noqa: E402
@@ -48,7 +48,8 @@ def load_images(patterns: list[str], limit: int) -> list[bytes]:
 
 
 def crop(data: bytes, size: int, draft: bool) -> np.ndarray:
-    return preprocess(decode_image(data, draft_side=DRAFT_MARGIN * size if draft else None), size)
+    image, shape = decode_image_and_shape(data, draft_side=DRAFT_MARGIN * size if draft else None)
+    return preprocess(image, size, shape)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

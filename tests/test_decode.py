@@ -33,6 +33,7 @@ from pipeline.decode import (
     DecodeLimits,
     SkipSample,
     decode_image,
+    decode_image_and_shape,
     decode_sample,
     find_image,
     label_of,
@@ -186,12 +187,12 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
 def test_jpeg_draft_decodes_at_a_reduced_scale_close_to_the_full_decode():
     big = jpeg_bytes(photo_like(13, 1200, 1800), quality=95)
     full = decode_image(big)
-    drafted = decode_image(big, draft_side=256)
+    drafted, shape = decode_image_and_shape(big, draft_side=256)
     assert full.shape == (1200, 1800, 3)
-    assert drafted.shape == (300, 450, 3)  # 1/4: the smallest libjpeg scale keeping the shorter side >= 256
+    assert drafted.shape == (300, 450, 3) and shape == (1200, 1800)  # 1/4: the smallest scale keeping >= 256
     assert decode_image(big, draft_side=600).shape == (600, 900, 3)  # exactly 1/2 is enough
     # what the tokenizer sees (draft side = DRAFT_MARGIN x the crop size): close to the full decode's
-    assert psnr_db(preprocess(full, 128), preprocess(drafted, 128)) > 40
+    assert psnr_db(preprocess(full, 128), preprocess(drafted, 128, shape)) > 40
 
     # nothing to gain: a JPEG whose shorter side is below twice the draft side, and other formats, decode
     # bit for bit as without the option
@@ -201,17 +202,34 @@ def test_jpeg_draft_decodes_at_a_reduced_scale_close_to_the_full_decode():
     assert np.array_equal(decode_image(png, draft_side=256), decode_image(png))
 
 
+def textured(height: int, width: int) -> np.ndarray:
+    """photo_like plus a fine diagonal grating: a crop shifted by one pixel no longer matches."""
+    y, x = np.mgrid[0:height, 0:width]
+    grating = 60 * np.sin(2 * np.pi * (x / 23.0 + y / 41.0))[..., None]
+    return np.clip(photo_like(20, height, width) + grating, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("size", [256, 128])
+def test_jpeg_draft_crops_cover_what_the_full_decode_crops_cover(size):
+    # 1074 x 1365 halves to 537 x 683 (rounded up): resized from its own shape the draft image's longer
+    # side would round to 326, not 325, and the center crop would move by a pixel
+    sample = Sample("k", 0, {"jpg": jpeg_bytes(textured(1074, 1365), quality=95)})
+    full = decode_sample(sample, image_size=size)
+    drafted = decode_sample(sample, image_size=size, jpeg_draft=True)
+    assert psnr_db(full.image, drafted.image) > 40  # 18.8 and 23.0 dB with the crop a pixel off
+
+
 def test_jpeg_draft_keeps_orientation_and_limits():
     rotated = exif_rotated_jpeg(height=1000, width=2000)  # displayed 1000 wide, 2000 high
-    full, drafted = decode_image(rotated), decode_image(rotated, draft_side=200)
-    assert full.shape == (2000, 1000, 3) and drafted.shape == (500, 250, 3)
+    full = decode_image(rotated)
+    drafted, shape = decode_image_and_shape(rotated, draft_side=200)
+    assert full.shape == (2000, 1000, 3) and drafted.shape == (500, 250, 3) and shape == (2000, 1000)
     assert tuple(drafted[10, -10]) == pytest.approx((255, 0, 0), abs=40)  # the red corner, now top right
-    assert psnr_db(preprocess(full, 100), preprocess(drafted, 100)) > 35
+    assert psnr_db(preprocess(full, 100), preprocess(drafted, 100, shape)) > 35
     # the limits apply to the declared size, before any reduction
+    big = jpeg_bytes(photo_like(16, 1200, 1800))
     with pytest.raises(SkipSample) as e:
-        decode_image(
-            jpeg_bytes(photo_like(16, 1200, 1800)), DecodeLimits(max_pixels=1_000_000), draft_side=64
-        )
+        decode_image(big, DecodeLimits(max_pixels=1_000_000), draft_side=64)
     assert e.value.reason == TOO_MANY_PIXELS
 
 

@@ -12,7 +12,7 @@ import torch
 from shardmaker import bad_input_samples, make_shard
 
 import gq
-from pipeline.decode import DecodeLimits, decode_image
+from pipeline.decode import DecodeLimits, decode_image, decode_image_and_shape
 from pipeline.manifest import read_manifest
 from pipeline.prefetch import ordered_map
 from pipeline.preprocess import preprocess
@@ -30,8 +30,8 @@ def reference_tokens(tar_path, checkpoint, image_size=64, batch_size=4, draft_si
         for m in tar.getmembers():
             if m.name.endswith(".jpg"):
                 keys.append(m.name[: -len(".jpg")])
-                image = decode_image(tar.extractfile(m).read(), draft_side=draft_side)
-                images.append(preprocess(image, image_size))
+                image, shape = decode_image_and_shape(tar.extractfile(m).read(), draft_side=draft_side)
+                images.append(preprocess(image, image_size, shape))
     model = gq.load(checkpoint)
     out = [
         model.tokenize(torch.from_numpy(np.stack(images[i : i + batch_size]))).reshape(-1, 64).numpy()
