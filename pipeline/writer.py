@@ -62,8 +62,15 @@ def token_table(
 
 
 def parquet_bytes(table: pa.Table, row_group_size: int = 1024) -> bytes:
+    """The table as a zstd Parquet file. A table without rows (a shard whose every sample was skipped) gets
+    no row group at all: Hugging Face `datasets` sizes its batches from the first row group and fails on
+    one of 0 rows, which would make the whole token directory unloadable there."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
+    if table.num_rows == 0:
+        with pq.ParquetWriter(buf, table.schema, compression="zstd"):
+            pass
+    else:
+        pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
     return buf.getvalue()
 
 
