@@ -195,14 +195,17 @@ def test_sigkill_actor_is_replaced(tmp_path, many_shards, small_checkpoint):
     proc = start_job(cmd)
     try:
         first = wait_for_commits(out, 1, proc)[0]
-        os.kill(json.loads(first.read_text())["worker"]["pid"], signal.SIGKILL)
+        killed = json.loads(first.read_text())["worker"]["pid"]
+        os.kill(killed, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=240)
     finally:
         kill_job(proc)
     assert proc.returncode == 0, stderr[-3000:]
     assert "actors replaced" in stdout and "16/16 committed" in stdout
     pids = {json.loads(p.read_text())["worker"]["pid"] for p in (out / "_manifest").glob("*.json")}
-    assert len(pids) == 2  # the killed actor and its replacement
+    # one replacement did the rest; the killed actor's own commits may all have been redone by it (killed
+    # after committing but before the driver heard, a shard is retried and its commit rewritten)
+    assert len(pids - {killed}) == 1
     assert_tokens_match(out, reference(many_shards, small_checkpoint, size=128))
 
 
