@@ -38,7 +38,7 @@ DEMO = REPO / "assets/demo/gq-small-f8c16-0.25bpp-tdc.safetensors"
 def load_images(patterns: list[str], limit: int) -> list[bytes]:
     """Encoded images from files and shards, in the order given."""
     out: list[bytes] = []
-    for path in (p for pattern in patterns for p in sorted(glob.glob(pattern)) or [pattern]):
+    for path in (p for pattern in patterns for p in sorted(glob.glob(pattern, recursive=True)) or [pattern]):
         if is_shard_file(path):
             with open_shard(path) as stream:
                 out += [find_image(s.members)[1] for s in iter_samples(stream) if isinstance(s, Sample)]
