@@ -4,20 +4,20 @@ The kernel streams the codebook through shared memory and gives every query its 
 and the float32 second-best score, never the n x K scores. Where the gap between the two exceeds
 twice the float32 rounding bound of the query's scores, no other code can overtake the best one in
 exact arithmetic, so it is also the float64 argmax. The few queries it cannot certify (near-ties,
-duplicated codes) are re-scored in float64 against the whole codebook. The answer is therefore the
-CPU path's: the float64 argmax of the rule, lowest index on ties.
+duplicated codes) go through the CPU path's own search (kernels.tiled, on the same device). The answer
+is therefore the CPU path's: the float64 argmax of the rule, lowest index on ties.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kernels.rules import code_feature_bound, code_features, feature_dim, query_features
+from kernels.rules import code_feature_bound, feature_dim, query_features
+from kernels.tiled import search_tiled
 
 SOURCE_PATH = Path(__file__).with_name("nearest.cu")
 THREADS = 128  # threads per block
@@ -199,55 +199,6 @@ def cupy_launch(
     return out_best, out_second, out_idx
 
 
-def exact_rescore(
-    mu: torch.Tensor,
-    logvar: torch.Tensor | None,
-    codes: torch.Tensor,
-    rule: str,
-    beta: float,
-    scratch_bytes: int,
-) -> torch.Tensor:
-    """Float64 argmax over the whole codebook for the rows the kernel could not certify (int64).
-
-    Two passes of float64 GEMMs over code chunks find each row's best score and then every code
-    within the GEMM's rounding bound of it; those few candidates are re-scored as elementwise
-    products summed over the features, so equal codes get bitwise equal scores (a GEMM does not
-    promise that) and a duplicate resolves to its lower index.
-    """
-    r, d = mu.shape
-    k = codes.shape[0]
-    m = feature_dim(d, rule)
-    bound = code_feature_bound(codes.float(), rule)
-    out = torch.empty(r, dtype=torch.int64, device=mu.device)
-    rows_at_once = max(1, min(r, scratch_bytes // (1024 * 8 * 2)))
-    for r0 in range(0, r, rows_at_once):
-        lv = None if logvar is None else logvar[r0 : r0 + rows_at_once].double()
-        q64 = query_features(mu[r0 : r0 + rows_at_once].double(), lv, rule, beta)
-        rb = q64.shape[0]
-        chunk = max(1024, scratch_bytes // (rb * 8 * 2))
-        chunks = [(k0, min(k, k0 + chunk)) for k0 in range(0, k, chunk)]
-
-        def chunk_scores(k0: int, k1: int, q64: torch.Tensor = q64) -> torch.Tensor:
-            return q64 @ code_features(codes[k0:k1].double(), rule).T
-
-        best = torch.stack([chunk_scores(k0, k1).amax(1) for k0, k1 in chunks]).amax(0)
-        # |float64 GEMM score - exact| <= (m + 4) u64 sum|q||a|, doubled; both sides of the gap
-        floor = best - 4 * (m + 4) * 2.0**-53 * (q64.abs() @ bound)
-        hit_rows, hit_codes = [], []
-        for k0, k1 in chunks:
-            rows, cols = (chunk_scores(k0, k1) >= floor[:, None]).nonzero(as_tuple=True)
-            hit_rows.append(rows)
-            hit_codes.append(cols + k0)
-        rows, cand = torch.cat(hit_rows), torch.cat(hit_codes)
-        exact = (q64[rows] * code_features(codes[cand].double(), rule)).sum(1)
-        top = q64.new_full((rb,), -math.inf).scatter_reduce(0, rows, exact, reduce="amax")
-        winner = exact == top[rows]
-        idx = torch.full((rb,), k, dtype=torch.int64, device=mu.device)
-        idx.scatter_reduce_(0, rows[winner], cand[winner], reduce="amin")
-        out[r0 : r0 + rb] = idx
-    return out
-
-
 @torch.no_grad()
 def search_fused(
     mu: torch.Tensor,
@@ -281,5 +232,6 @@ def search_fused(
     if n_uncertain:
         rows = uncertain.nonzero().squeeze(1)
         lv = None if logvar is None else logvar[rows]
-        out[rows] = exact_rescore(mu[rows], lv, codes, rule, beta, scratch_bytes)
+        # the CPU path itself decides these rows, so the answer is its answer by construction
+        out[rows] = search_tiled(mu[rows], lv, codes, rule, beta, scratch_bytes)
     return out

@@ -24,7 +24,6 @@ from kernels import DEFAULT_SCRATCH_BYTES, nearest_code
 from kernels.fused import (
     SOURCE_PATH,
     LaunchPlan,
-    exact_rescore,
     kernel_inputs,
     padded_features,
     plan_launch,
@@ -227,12 +226,13 @@ def test_fused_search_rejects_non_finite_queries(host):
 
 @pytest.mark.parametrize("rule", ["posterior", "mean"])
 @pytest.mark.parametrize("scratch", [SCRATCH, 40_000])  # the small one forces many row and code chunks
-def test_exact_rescore_is_the_float64_argmax(rule, scratch):
+def test_the_recheck_of_uncertified_rows_is_the_float64_argmax(rule, scratch):
+    # search_fused hands the rows it cannot certify to search_tiled: duplicated codes are such rows
     base = GaussianCodebook(3000, 8).vectors
     codes = torch.cat([base, base[:1000]])  # duplicates of the first 1000 codes after them
     mu, lv = random_queries(300, 8, seed=11, bits=11.0)
     lv = lv if rule == "posterior" else None
-    ours = exact_rescore(mu, lv, codes, rule, 1.0, scratch)
+    ours = search_tiled(mu, lv, codes, rule, 1.0, scratch)
     ref, _ = reference_search(mu, lv, codes, rule=rule)
     assert torch.equal(ours, ref)
     assert (ours < 3000).all()
