@@ -8,6 +8,7 @@ from gq.codebook import CodebookSpec, GaussianCodebook
 from gq.layout import LAYOUTS, merge_groups, split_groups
 from gq.model import GQVAE, ModelConfig
 from gq.networks import NetworkConfig
+from gq.official import from_official, save_official, to_official_config, to_official_state
 from gq.presets import OPERATING_POINTS, PRESETS, model_config
 from gq.quantizer import LOGVAR_RANGE, GaussianQuantizer, QuantizerConfig, dequantize, quantize
 from gq.tdc import KLStats, TargetDivergenceConstraint, TDCConfig, kl_bits
@@ -21,6 +22,10 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "describe",
+    "from_official",
+    "save_official",
+    "to_official_config",
+    "to_official_state",
     "ModelConfig",
     "NetworkConfig",
     "load",

@@ -13,11 +13,11 @@ import struct
 
 import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from gq.model import GQVAE, ModelConfig
+from gq.storage import write_atomic
 
 FORMAT = "gq-tokenizer/gqvae"
 
@@ -47,18 +47,9 @@ def checkpoint_bytes(model: GQVAE, provenance: dict | None = None) -> bytes:
 
 
 def save(model: GQVAE, url: str, provenance: dict | None = None) -> str:
-    """Write the checkpoint to a local path or fsspec URL (one write; local files via rename); its sha256."""
+    """Write the checkpoint to a local path or fsspec URL (atomically: `storage.write_atomic`); its sha256."""
     data = checkpoint_bytes(model, provenance)
-    fs, path = fsspec.core.url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):  # rename makes the write atomic; object stores PUT whole objects
-        tmp = f"{path}.tmp"
-        fs.makedirs(fs._parent(path), exist_ok=True)
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-    else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
+    write_atomic(url, data)
     return hashlib.sha256(data).hexdigest()
 
 

@@ -13,9 +13,12 @@ from gq.tdc import TDCConfig
 # Network presets. Every one is f = 8 with C = 16 latent channels ("f8c16"); the operating point decides
 # how those 16 channels split into groups.
 PRESETS: dict[str, NetworkConfig] = {
-    # The reference's "sd3unet": ch 128, ch_mult [1,2,4,4], 2 res blocks, attention at the 32x32 latent
-    # of a 256x256 image (the middle block). About 84M parameters.
-    "paper-f8c16": NetworkConfig(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, mid_attention=True),
+    # The official "sd3unet" exactly (configs/sd3unet_gq_*.yaml): ch 128, ch_mult [1,2,4,4], 2 res blocks,
+    # attention after each block of the lowest level (32x32 of a 256 config: `attn_resolutions: [32]`),
+    # none in the middle. 35,325,856 encoder + 51,648,771 decoder parameters, as the official code counts.
+    "paper-f8c16": NetworkConfig(
+        ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_levels=(3,), mid_attention=False
+    ),
     # Same latent shape, a few million parameters: trains on a CPU, and is the debug model of the tests.
     "small-f8c16": NetworkConfig(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, mid_attention=True),
 }

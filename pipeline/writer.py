@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import uuid
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
+
+from gq.storage import write_atomic  # noqa: F401 (the token files' atomic write, defined once in gq)
 
 METADATA_KEY = b"gq"
 
@@ -72,21 +71,6 @@ def parquet_bytes(table: pa.Table, row_group_size: int = 1024) -> bytes:
     else:
         pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
     return buf.getvalue()
-
-
-def write_atomic(url: str, data: bytes) -> None:
-    """Local paths: temporary name, fsync, rename. Object stores: one PUT, which is atomic there."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
 
 
 def read_metadata(url: str) -> dict:

@@ -1,0 +1,464 @@
+"""The paper's released checkpoints, in and out: official Lightning `.ckpt` + YAML <-> our GQVAE.
+
+The official code (github.com/tongdaxu/VQ-VAE-from-Gaussian-VAE) builds `pit.modules.unet.Encoder` /
+`Decoder` and a `GaussianQuantRegularizer` (interleaved groups) or `GaussianQuantRegularizer2`
+(contiguous) from a YAML config. `from_official` translates that config into a `ModelConfig` (refusing,
+with the field's name, anything this version cannot build), maps every official tensor name onto ours
+(our attention keeps q, k, v in one 1x1 conv, concatenated in that order) and checks every shape.
+`to_official` is the way back: the official names, shapes and a YAML the authors' code loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import math
+import pickle
+import re
+from typing import Any
+
+import fsspec
+import torch
+import yaml
+
+from gq.checkpoint import CheckpointError
+from gq.codebook import CodebookSpec
+from gq.model import GQVAE, ModelConfig
+from gq.networks import NetworkConfig
+from gq.quantizer import LOGVAR_RANGE, QuantizerConfig
+from gq.storage import write_atomic
+from gq.tdc import TDCConfig
+from gq.unpickler import load_checkpoint
+
+CONVERTER_VERSION = 1  # bumped when the translation of a config or of a tensor name changes
+ENGINE = "pit.models.autoencoder.AutoencodingEngine"
+ENCODER = "pit.modules.unet.Encoder"
+DECODER = "pit.modules.unet.Decoder"
+REGULARIZER = "pit.quantization.gaussian.GaussianQuantRegularizer"  # `group` = d, `n_samples` = K
+REGULARIZER2 = "pit.quantization.gaussian.GaussianQuantRegularizer2"  # `dim` = d, `codebook_size` = K
+NORM_GROUPS = 32  # the official Normalize is GroupNorm(32, eps 1e-6) everywhere
+DECODER_PARAMS = "${model.params.encoder_config.params}"  # how the published configs share the shape
+# The network fields the decoder must share with the encoder: we build both from one NetworkConfig.
+SHARED_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels", "out_ch")
+# Settings of the official classes we build exactly only at this value (field -> the value).
+NETWORK_FIXED = {
+    "double_z": True,
+    "resamp_with_conv": True,
+    "use_linear_attn": False,
+    "padding_mode": "zeros",
+    "give_pre_end": False,
+    "tanh_out": False,
+}
+ENGINE_FIXED = {"latent_stats": False, "use_vf_flow": False, "encode_patch": -1}
+
+
+# --- the YAML -------------------------------------------------------------------------------------------
+
+_INTERPOLATION = re.compile(r"\$\{([^}]+)\}")
+
+
+def _lookup(root: dict, path: str) -> Any:
+    node: Any = root
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise CheckpointError(f"config: interpolation ${{{path}}} names no field")
+        node = node[part]
+    return node
+
+
+def _resolve(node: Any, root: dict, depth: int = 0) -> Any:
+    """OmegaConf-style `${a.b.c}`: a whole-string interpolation takes the value, an inline one its text."""
+    if depth > 32:
+        raise CheckpointError("config: interpolations nest too deep (a cycle?)")
+    if isinstance(node, dict):
+        return {k: _resolve(v, root, depth) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve(v, root, depth) for v in node]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+    whole = _INTERPOLATION.fullmatch(node)
+    if whole:
+        return _resolve(copy.deepcopy(_lookup(root, whole.group(1))), root, depth + 1)
+    return _INTERPOLATION.sub(lambda m: str(_resolve(_lookup(root, m.group(1)), root, depth + 1)), node)
+
+
+def read_config(config: str | dict) -> dict:
+    """The official YAML (a path or fsspec URL, or an already parsed dict) with interpolations resolved."""
+    if isinstance(config, dict):
+        raw = config
+    else:
+        try:
+            with fsspec.open(str(config), "rt", encoding="utf-8") as f:
+                raw = yaml.safe_load(f)
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"config {config}: cannot read it: {e}") from None
+        except yaml.YAMLError as e:
+            raise CheckpointError(f"config {config}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"config {config}: not a YAML mapping")
+    return _resolve(raw, raw)
+
+
+def _get(params: Any, name: str, where: str) -> Any:
+    """params[name], or a CheckpointError naming the missing field `where.name`."""
+    if not isinstance(params, dict) or name not in params:
+        raise CheckpointError(f"config: missing field {where}.{name}")
+    return params[name]
+
+
+def _require(value: Any, expected: Any, path: str) -> None:
+    if value != expected:
+        raise CheckpointError(f"config: {path} = {value!r}; this version builds only {expected!r}")
+
+
+# --- config translation ---------------------------------------------------------------------------------
+
+
+def _attn_levels(resolution: int, attn_resolutions: list, levels: int) -> tuple[int, ...]:
+    """Levels whose resolution, as the official Encoder and Decoder each compute it, is listed."""
+    encoder = [i for i in range(levels) if resolution // 2**i in attn_resolutions]
+    lowest = resolution // 2 ** (levels - 1)  # the Decoder counts up from the lowest level
+    decoder = [i for i in range(levels) if lowest * 2 ** (levels - 1 - i) in attn_resolutions]
+    if encoder != decoder:
+        raise CheckpointError(
+            f"config: resolution {resolution} puts attention at encoder levels {encoder} but decoder levels "
+            f"{decoder}; this version builds the same levels in both"
+        )
+    return tuple(encoder)
+
+
+def network_from_official(params: dict, where: str) -> NetworkConfig:
+    """`pit.modules.unet.Encoder` params -> NetworkConfig (no middle attention, attention by resolution)."""
+
+    def get(name: str) -> Any:
+        return _get(params, name, where)
+
+    for name, value in NETWORK_FIXED.items():
+        if name in params:
+            _require(params[name], value, f"{where}.{name}")
+    _require(
+        params.get("attn_type", "vanilla") in ("vanilla", "vanilla-xformers"), True, f"{where}.attn_type"
+    )
+    in_channels, out_ch = int(get("in_channels")), int(get("out_ch"))
+    _require(out_ch, in_channels, f"{where}.out_ch")
+    ch_mult = tuple(int(m) for m in get("ch_mult"))
+    try:
+        return NetworkConfig(
+            ch=int(get("ch")),
+            ch_mult=ch_mult,
+            num_res_blocks=int(get("num_res_blocks")),
+            attn_levels=_attn_levels(int(get("resolution")), list(get("attn_resolutions")), len(ch_mult)),
+            mid_attention=False,  # the official middle block has no attention (`mid.attn_1` is commented out)
+            norm_groups=NORM_GROUPS,
+            dropout=float(params.get("dropout", 0.0)),
+            in_channels=in_channels,
+        )
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config: {where}: {e}") from None
+
+
+def _regularizer(reg: dict, z_channels: int, where: str) -> tuple[QuantizerConfig, dict]:
+    """The regularizer config -> (QuantizerConfig, TDC settings)."""
+    target = _get(reg, "target", where)
+    params = dict(reg.get("params") or {})
+    if target == REGULARIZER:
+        layout, dim_key, size_key = "interleaved", "group", "n_samples"
+        known = {"format", "n_samples", "group", "logvar_range", "tolerance", "lam_factor", "seed", "beta"}
+        _require(params.get("format", "bchw"), "bchw", f"{where}.params.format")
+    elif target == REGULARIZER2:
+        layout, dim_key, size_key = "contiguous", "dim", "codebook_size"
+        known = {"dim", "codebook_size", "dim_idx", "logvar_range", "tolerance", "lam_factor", "seed", "beta"}
+        known |= {"use_ste"}
+        _require(params.get("dim_idx", 1), 1, f"{where}.params.dim_idx")
+    else:
+        raise CheckpointError(
+            f"config: {where}.target = {target!r}: this version builds {REGULARIZER} and {REGULARIZER2}"
+        )
+    unknown = sorted(set(params) - known - {"backend"})
+    if unknown:
+        raise CheckpointError(f"config: {where}.params.{unknown[0]}: a field this version does not know")
+    _require(
+        [float(v) for v in params.get("logvar_range", LOGVAR_RANGE)],
+        list(LOGVAR_RANGE),
+        f"{where}.params.logvar_range",
+    )
+    dim = int(params.get(dim_key, 1)) if dim_key == "group" else int(_get(params, dim_key, f"{where}.params"))
+    size = int(_get(params, size_key, f"{where}.params"))
+    if z_channels % dim:
+        raise CheckpointError(
+            f"config: z_channels {z_channels} do not split into groups of {dim} ({dim_key})"
+        )
+    try:
+        spec = CodebookSpec(size=size, dim=dim, seed=int(params.get("seed", 42)), kind="sobol")
+        quantizer = QuantizerConfig(
+            spec,
+            groups=z_channels // dim,
+            layout=layout,
+            rule="posterior",
+            beta=float(params.get("beta", 1.0)),
+        )
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config: {where}.params: {e}") from None
+    tdc = {"tolerance": float(params.get("tolerance", 0.5)), "factor": float(params.get("lam_factor", 1.01))}
+    return quantizer, tdc
+
+
+def model_config_from_official(config: str | dict) -> ModelConfig:
+    """An official YAML (path, URL or parsed dict) -> our ModelConfig; CheckpointError names a bad field."""
+    cfg = read_config(config)
+    params = _get(_get(cfg, "model", "config"), "params", "model")
+    for name, value in ENGINE_FIXED.items():
+        if name in params:
+            _require(params[name], value, f"model.params.{name}")
+    if params.get("clamp_range") not in (None, [-1, 1], [-1.0, 1.0]):
+        _require(params["clamp_range"], [-1, 1], "model.params.clamp_range")
+    encoder = _get(params, "encoder_config", "model.params")
+    decoder = _get(params, "decoder_config", "model.params")
+    _require(
+        _get(encoder, "target", "model.params.encoder_config"), ENCODER, "model.params.encoder_config.target"
+    )
+    _require(
+        _get(decoder, "target", "model.params.decoder_config"), DECODER, "model.params.decoder_config.target"
+    )
+    enc = _get(encoder, "params", "model.params.encoder_config")
+    dec = _get(decoder, "params", "model.params.decoder_config")
+    for name in SHARED_FIELDS:
+        if name in enc and dec.get(name) != enc[name]:
+            raise CheckpointError(
+                f"config: model.params.decoder_config.params.{name} = {dec.get(name)!r} differs from the "
+                f"encoder's {enc[name]!r}; this version builds one shape for both"
+            )
+    network = network_from_official(enc, "model.params.encoder_config.params")
+    network_from_official(dec | {"double_z": True}, "model.params.decoder_config.params")  # its own checks
+    z_channels = int(_get(enc, "z_channels", "model.params.encoder_config.params"))
+    quantizer, tdc = _regularizer(
+        _get(params, "regularizer_config", "model.params"), z_channels, "model.params.regularizer_config"
+    )
+    weights = (params.get("loss_config") or {}).get("params", {}).get("regularization_weights") or {}
+    tdc_config = TDCConfig(
+        target_bits=math.log2(quantizer.codebook.size),
+        groups=quantizer.groups,
+        layout=quantizer.layout,
+        weight=float(weights.get("kl_loss", 1.0)),
+        **tdc,
+    )
+    return ModelConfig(network=network, quantizer=quantizer, tdc=tdc_config, preset="")
+
+
+# --- tensor names ---------------------------------------------------------------------------------------
+
+# Our name -> the official one, applied in order; `{up}` is the decoder level counted from full resolution.
+_RENAMES = (
+    (r"^(encoder|decoder)\.mid\.0\.", r"\1.mid.block_1."),
+    (r"^(encoder|decoder)\.mid\.2\.", r"\1.mid.block_2."),
+    (r"^encoder\.levels\.(\d+)\.blocks\.", r"encoder.down.\1.block."),
+    (r"^encoder\.levels\.(\d+)\.attn\.", r"encoder.down.\1.attn."),
+    (r"^encoder\.down\.(\d+)\.conv\.", r"encoder.down.\1.downsample.conv."),
+    (r"^decoder\.levels\.(\d+)\.blocks\.", "decoder.up.{up}.block."),
+    (r"^decoder\.levels\.(\d+)\.attn\.", "decoder.up.{up}.attn."),
+    (r"^decoder\.up\.(\d+)\.conv\.", "decoder.up.{up}.upsample.conv."),
+    (r"\.skip\.", ".nin_shortcut."),
+    (r"\.proj\.", ".proj_out."),
+)
+
+
+def _official_name(name: str, levels: int) -> str:
+    for pattern, replacement in _RENAMES:
+        match = re.search(pattern, name)
+        if match:
+            if "{up}" in replacement:
+                replacement = replacement.replace("{up}", str(levels - 1 - int(match.group(1))))
+            name = re.sub(pattern, replacement, name)
+    return name
+
+
+def official_names(model: GQVAE) -> dict[str, tuple[str, ...]]:
+    """Each encoder/decoder tensor of ours -> its official name(s); a fused qkv is three (q, k, v)."""
+    if model.config.network.mid_attention:
+        raise CheckpointError("the official network has no middle attention (mid_attention=True)")
+    if model.config.network.norm_groups != NORM_GROUPS:
+        raise CheckpointError(
+            f"the official network uses {NORM_GROUPS} norm groups, this model "
+            f"{model.config.network.norm_groups}"
+        )
+    levels = len(model.config.network.ch_mult)
+    names = {}
+    for name in model.state_dict():
+        if not name.startswith(("encoder.", "decoder.")):
+            continue
+        official = _official_name(name, levels)
+        if ".qkv." in official:
+            names[name] = tuple(official.replace(".qkv.", f".{p}.") for p in "qkv")
+        else:
+            names[name] = (official,)
+    return names
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+
+
+def read_official_checkpoint(checkpoint: str) -> tuple[dict, dict]:
+    """The `state_dict` of an official `.ckpt` (path or URL) and what else it held, never running its code."""
+    try:
+        with fsspec.open(str(checkpoint), "rb") as f:
+            data = f.read()
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {checkpoint}: cannot read it: {e}") from None
+    try:
+        obj, skipped = load_checkpoint(data)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: damaged or not a PyTorch checkpoint ({first})"
+        ) from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not any(str(k).startswith("encoder.") for k in state):
+        raise CheckpointError(f"checkpoint {checkpoint}: holds no `state_dict` with encoder.* tensors")
+    source = {
+        "source": str(checkpoint),
+        "source_sha256": hashlib.sha256(data).hexdigest(),
+        "epoch": obj.get("epoch"),
+        "global_step": obj.get("global_step"),
+        "ignored_entries": sorted(str(k) for k in obj if k != "state_dict") if state is not obj else [],
+        "skipped_pickle_globals": skipped,
+    }
+    return state, source
+
+
+def load_official_state(model: GQVAE, state: dict, name: str = "checkpoint") -> list[str]:
+    """Fill every encoder/decoder tensor of `model` from official names; the ignored (loss.*) keys."""
+    names = official_names(model)
+    expected = {o for group in names.values() for o in group}
+    ignored = sorted(k for k in state if k.startswith("loss."))
+    stray = sorted(k for k in state if k not in expected and not k.startswith("loss."))
+    missing = sorted(expected - set(state))
+    if stray or missing:
+        what = f"unexpected tensors {stray[:3]}" if stray else f"missing tensors {missing[:3]}"
+        extra = f" and {len(stray or missing) - 3} more" if len(stray or missing) > 3 else ""
+        raise CheckpointError(f"{name}: does not match the config's network: {what}{extra}")
+    ours = model.state_dict()
+    for key, group in names.items():
+        parts = [state[o] for o in group]
+        if any(not isinstance(p, torch.Tensor) for p in parts):
+            raise CheckpointError(f"{name}: {group[0]} is not a tensor")
+        value = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+        if value.shape != ours[key].shape:
+            raise CheckpointError(
+                f"{name}: {' + '.join(group)} has shape {tuple(value.shape)}, the config's network needs "
+                f"{tuple(ours[key].shape)}"
+            )
+        ours[key] = value.to(ours[key].dtype)
+    model.load_state_dict(ours, strict=True)
+    return ignored
+
+
+def from_official(checkpoint: str, config: str | dict) -> GQVAE:
+    """An official GQ checkpoint (`.ckpt` path or fsspec URL) and its YAML -> our GQVAE in eval mode.
+
+    `model.provenance["official"]` records the source file's sha256, the resolved official config, the
+    converter version, the ignored `loss.*` tensors and other entries, and any pickle globals skipped.
+    """
+    from gq import __version__
+
+    resolved = read_config(config)
+    model = GQVAE(model_config_from_official(resolved))
+    state, source = read_official_checkpoint(checkpoint)
+    ignored = load_official_state(model, state, str(checkpoint))
+    model.provenance = {
+        "official": source
+        | {
+            "config": resolved.get("model", {}),
+            "converter": f"gq-tokenizer {__version__} / official converter v{CONVERTER_VERSION}",
+            "ignored_keys": ignored,
+        }
+    }
+    model.checkpoint_sha256 = source["source_sha256"]
+    return model.eval()
+
+
+def to_official_state(model: GQVAE) -> dict[str, torch.Tensor]:
+    """Our encoder/decoder tensors under the official names and shapes (qkv split into q, k, v)."""
+    ours = model.state_dict()
+    state = {}
+    for key, group in official_names(model).items():
+        parts = ours[key].detach().cpu().chunk(len(group), 0)
+        for official, part in zip(group, parts):
+            state[official] = part.clone().contiguous()
+    return state
+
+
+def to_official_config(model: GQVAE, resolution: int | None = None) -> dict:
+    """The official YAML (as a dict) for this model; `resolution` places attention (default: the
+    converted model's own, else 256)."""
+    c = model.config
+    q, net = c.quantizer, c.network
+    if q.codebook.kind != "sobol":
+        raise CheckpointError("the official code builds only Sobol codebooks (codebook kind 'iid')")
+    if q.rule != "posterior":
+        raise CheckpointError(f"the official code tokenizes only by the posterior rule (rule {q.rule!r})")
+    source = model.provenance.get("official", {}).get("config", {})
+    enc_source = source.get("params", {}).get("encoder_config", {}).get("params", {})
+    resolution = int(resolution or enc_source.get("resolution") or 256)
+    levels = len(net.ch_mult)
+    if resolution % 2 ** (levels - 1):
+        raise CheckpointError(f"resolution {resolution} does not halve {levels - 1} times exactly")
+    official_names(model)  # refuses networks the official code cannot build
+    encoder = {
+        "attn_type": "vanilla",
+        "double_z": True,
+        "z_channels": c.latent_channels,
+        "resolution": resolution,
+        "in_channels": net.in_channels,
+        "out_ch": net.in_channels,
+        "ch": net.ch,
+        "ch_mult": list(net.ch_mult),
+        "num_res_blocks": net.num_res_blocks,
+        "attn_resolutions": [resolution // 2**i for i in net.attn_levels],
+        "dropout": net.dropout,
+    }
+    common = {
+        "seed": q.codebook.seed,
+        "beta": q.beta,
+        "tolerance": c.tdc.tolerance,
+        "lam_factor": c.tdc.factor,
+    }
+    if q.layout == "interleaved":
+        reg = {
+            "target": REGULARIZER,
+            "params": {"format": "bchw", "group": q.codebook.dim, "n_samples": q.codebook.size} | common,
+        }
+    else:
+        reg = {
+            "target": REGULARIZER2,
+            "params": {"dim": q.codebook.dim, "codebook_size": q.codebook.size} | common,
+        }
+    loss = source.get("params", {}).get("loss_config") or {
+        "target": "pit.modules.losses.discriminator_loss.GeneralLPIPSWithDiscriminator",
+        "params": {
+            "perceptual_weight": 1.0,
+            "disc_start": 20001,
+            "disc_weight": 0.75,
+            "learn_logvar": True,
+            "regularization_weights": {"kl_loss": c.tdc.weight},
+        },
+    }
+    params = {
+        "input_key": "img",
+        "loss_config": loss,
+        "regularizer_config": reg,
+        "encoder_config": {"target": ENCODER, "params": encoder},
+        "decoder_config": {"target": DECODER, "params": DECODER_PARAMS},
+    }
+    return {"model": {"base_learning_rate": 1e-4, "target": ENGINE, "params": params}}
+
+
+def save_official(model: GQVAE, checkpoint: str, config: str, resolution: int | None = None) -> None:
+    """Write an official-format `.ckpt` (Lightning layout, `state_dict` only) and its YAML."""
+    yaml_text = yaml.safe_dump(to_official_config(model, resolution), sort_keys=False)
+    steps = model.provenance.get("steps", 0)
+    payload = {"epoch": 0, "global_step": int(steps or 0), "state_dict": to_official_state(model)}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomic(checkpoint, buffer.getvalue())
+    write_atomic(config, yaml_text.encode("utf-8"))
