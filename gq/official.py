@@ -327,11 +327,15 @@ def read_official_checkpoint(checkpoint: str) -> tuple[dict, dict]:
 
 
 def load_official_state(model: GQVAE, state: dict, name: str = "checkpoint") -> list[str]:
-    """Fill every encoder/decoder tensor of `model` from official names; the ignored (loss.*) keys."""
+    """Fill every encoder/decoder tensor of `model` from official names; the keys ignored.
+
+    Tensors outside encoder.* / decoder.* (the training loss's `loss.*`: LPIPS, discriminator) are not
+    part of the tokenizer: ignored, as the official code's own non-strict load does, and returned."""
     names = official_names(model)
     expected = {o for group in names.values() for o in group}
-    ignored = sorted(k for k in state if k.startswith("loss."))
-    stray = sorted(k for k in state if k not in expected and not k.startswith("loss."))
+    ours_part = [str(k).startswith(("encoder.", "decoder.")) for k in state]
+    ignored = sorted(str(k) for k, mine in zip(state, ours_part) if not mine)
+    stray = sorted(k for k, mine in zip(state, ours_part) if mine and k not in expected)
     missing = sorted(expected - set(state))
     if stray or missing:
         what = f"unexpected tensors {stray[:3]}" if stray else f"missing tensors {missing[:3]}"
@@ -357,7 +361,7 @@ def from_official(checkpoint: str, config: str | dict) -> GQVAE:
     """An official GQ checkpoint (`.ckpt` path or fsspec URL) and its YAML -> our GQVAE in eval mode.
 
     `model.provenance["official"]` records the source file's sha256, the resolved official config, the
-    converter version, the ignored `loss.*` tensors and other entries, and any pickle globals skipped.
+    converter version, the ignored tensors (`loss.*`) and other entries, and any pickle globals skipped.
     """
     from gq import __version__
 

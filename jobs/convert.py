@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             official = model.provenance["official"]
             print(f"converted {args.checkpoint} (sha256 {official['source_sha256'][:16]}) -> {args.output}")
             print(f"  sha256 {sha[:16]}; {describe(model)}")
-            print(f"  ignored: {len(official['ignored_keys'])} loss.* tensors, {official['ignored_entries']}")
+            ignored = len(official["ignored_keys"])
+            print(f"  ignored: {ignored} tensors not encoder/decoder (loss.*), {official['ignored_entries']}")
             if official["skipped_pickle_globals"]:
                 print(f"  not run (inert placeholders): {official['skipped_pickle_globals']}")
         else:

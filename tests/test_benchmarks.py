@@ -57,3 +57,13 @@ def test_jpeg_draft_benchmark(tmp_path, small_checkpoint):
     assert result["images"] == 3 and result["megapixels_mean"] == 0.54
     assert result["crops_identical"] == 0 and result["psnr_db_min"] > 35  # 1/4 scale, then the resize
     assert result["images_per_s"]["pil-draft"] > 0 and 0 < result["tokens_equal"] <= 1
+
+
+def test_presets_benchmark_smoke(tmp_path):
+    result = run("presets.py", tmp_path / "presets.json")
+    rows = {r["preset"]: r for r in result["rows"]}
+    assert rows["paper-f8c16 (converted)"]["parameters"] == 35_325_856 + 51_648_771
+    assert rows["small-f8c16"]["parameters"] < rows["paper-f8c16 (converted)"]["parameters"]
+    for r in rows.values():
+        assert r["encoder_ms"] > 0 and r["search_ms"] > 0
+        assert abs(r["images_per_s"] - 1e3 / (r["encoder_ms"] + r["search_ms"])) < 1e-6 * r["images_per_s"]

@@ -292,3 +292,17 @@ def test_tokenize_job_runs_the_converted_model(tmp_path, model):
     tokens = model.tokenize(torch.from_numpy(np.stack(images)))
     got = np.stack(table["tokens"].to_pylist()).reshape(tokens.shape)
     np.testing.assert_array_equal(got, tokens.numpy())
+
+
+def test_tensors_outside_the_tokenizer_are_listed_and_stray_ones_refused(official_state):
+    model = gq.GQVAE(model_config_from_official(YAML))
+    extra = dict(official_state) | {"model_ema.decay": torch.tensor(0.999)}
+    ignored = load_official_state(model, extra)
+    assert "model_ema.decay" in ignored and all(k.startswith(("loss.", "model_ema.")) for k in ignored)
+    with pytest.raises(
+        CheckpointError, match=r"unexpected tensors \['encoder\.down\.0\.attn\.0\.q\.weight'\]"
+    ):
+        load_official_state(model, dict(official_state) | {"encoder.down.0.attn.0.q.weight": torch.zeros(1)})
+    missing = {k: v for k, v in official_state.items() if k != "decoder.conv_out.bias"}
+    with pytest.raises(CheckpointError, match=r"missing tensors \['decoder\.conv_out\.bias'\]"):
+        load_official_state(model, missing)
