@@ -57,6 +57,11 @@ def read_metadata(data: bytes, name: str = "checkpoint") -> dict[str, str]:
     """The safetensors header's `__metadata__`, with a clear error for anything that is not ours."""
     if len(data) < 8:
         raise CheckpointError(f"{name}: {len(data)} bytes, not a safetensors file")
+    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # a torch.save zip archive, or a bare pickle
+        raise CheckpointError(
+            f"{name}: a PyTorch pickle checkpoint, not a gq-tokenizer one; convert an official GQ .ckpt "
+            "with `python jobs/convert.py from-official --checkpoint CKPT --config YAML --output OUT`"
+        )
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > len(data) - 8:
         raise CheckpointError(f"{name}: not a safetensors file, or truncated inside its header")

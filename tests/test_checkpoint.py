@@ -144,3 +144,11 @@ def test_load_never_unpickles(tmp_path, small, monkeypatch):
     monkeypatch.setattr(torch, "load", refuse)
     loaded = gq.load(path)
     assert float(loaded.tdc.lam) == 3.25
+
+
+def test_a_pickle_checkpoint_is_refused_with_the_way_to_convert_it(tmp_path, monkeypatch):
+    path = tmp_path / "official.ckpt"
+    torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(1)}}, path)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("must not unpickle"))
+    with pytest.raises(gq.CheckpointError, match="jobs/convert.py from-official"):
+        gq.load(str(path))
