@@ -35,7 +35,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--on-existing",
         choices=ON_EXISTING,
         default="skip",
-        help="skip: resume, keeping committed shards; overwrite: delete DIR's token files and start afresh",
+        help="skip: resume, keeping committed shards; overwrite: delete what earlier runs recorded in DIR "
+        "(their token files, commit records, run record) and start afresh",
+    )
+    p.add_argument(
+        "--allow-nonempty-output",
+        action="store_true",
+        help="write into a DIR holding other files but no run record of this tool (they are never deleted)",
     )
     # preprocessing and bad input
     p.add_argument("--image-size", type=int, default=256, help="shorter side resized to this, center crop")
@@ -69,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retries", type=int, default=3, help="attempts per shard after the first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary still prints)")
     args = p.parse_args(argv)
-    for name in ("image_size", "batch_size", "actors", "min_side", "max_pixels"):
+    for name in ("image_size", "batch_size", "actors", "min_side", "max_pixels", "max_member_bytes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.decode_threads is None:
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,
         on_existing=args.on_existing,
+        allow_nonempty_output=args.allow_nonempty_output,
         retries=args.retries,
         progress=not args.no_progress,
     )

@@ -18,18 +18,40 @@ MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"}
 
 
 class TokenizerActor:
-    """Holds the model; `process(url, output)` tokenizes and commits one shard."""
+    """Holds the model; `process(url, output)` tokenizes and commits one shard, telling `counter` (a
+    ProgressCounter actor) of each batch of images as it is encoded."""
 
     def __init__(
-        self, checkpoint: str, options: TokenizeOptions, device: str, threads: int, expected_sha256: str
+        self,
+        checkpoint: str,
+        options: TokenizeOptions,
+        device: str,
+        threads: int,
+        expected_sha256: str,
+        counter=None,
     ) -> None:
         self.worker = ShardTokenizer(checkpoint, options, device, threads, expected_sha256)
+        self.counter = counter
 
     def pid(self) -> int:
         return os.getpid()
 
     def process(self, url: str, output: str) -> dict:
-        return self.worker.process(url, output)
+        progress = None if self.counter is None else self.counter.add.remote  # fire and forget
+        return self.worker.process(url, output, progress)
+
+
+class ProgressCounter:
+    """Images encoded so far by every actor of a job: actors add, the driver's progress bar reads."""
+
+    def __init__(self) -> None:
+        self.images = 0
+
+    def add(self, n: int) -> None:
+        self.images += n
+
+    def value(self) -> int:
+        return self.images
 
 
 def actor_env() -> dict[str, str]:
