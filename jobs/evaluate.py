@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         model = gq.load(args.checkpoint, map_location=args.device)
         if args.image_size % model.downsample:
             raise ValueError(f"--image-size must be a multiple of {model.downsample}, got {args.image_size}")
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # CheckpointError is a ValueError
+    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError; a directory: OSError
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     print(
