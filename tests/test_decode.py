@@ -1,10 +1,7 @@
 import io
-import struct
-import tarfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +9,15 @@ from PIL import Image
 from shardmaker import (
     HAS_WEBP,
     bad_input_samples,
+    big_header_over_small_data,
+    damaged,
     exif_rotated_jpeg,
     jpeg_bytes,
     photo_like,
     png_bytes,
     png_declaring,
     png_with_bad_pixels,
+    real_jpegs,
     webp_bytes,
 )
 
@@ -362,44 +362,6 @@ def test_decoding_from_threads_matches_sequential():
 
 
 # ---- damaged real JPEGs that libjpeg only warns about (issue 12)
-
-PHOTOS = Path(__file__).resolve().parents[1] / "assets" / "samples" / "photos-000000.tar"
-
-
-def real_jpegs():
-    with tarfile.open(PHOTOS) as tar:
-        return [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
-
-
-def segments(data):
-    """(marker, offset, end) of each JPEG segment up to the first scan's header (an independent walk)."""
-    out, pos = [], 2
-    while data[pos + 1] != 0xDA:
-        end = pos + 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
-        out.append((data[pos + 1], pos, end))
-        pos = end
-    out.append((0xDA, pos, pos + 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]))
-    return out
-
-
-def damaged(data, kind):
-    sos_end = segments(data)[-1][2]
-    eoi = data.rindex(b"\xff\xd9")
-    if kind == "cut_reterminated":  # a third of the scan, then the end marker
-        return data[: sos_end + (eoi - sos_end) // 3] + b"\xff\xd9"
-    if kind == "spurious_marker":  # bytes flipped in the scan into a marker: the scan stops there
-        return data[: sos_end + 200] + b"\xff\xd0\xff\xd9" + data[sos_end + 204 :]
-    if kind == "no_huffman_tables":
-        return data[:2] + b"".join(data[a:b] for m, a, b in segments(data) if m != 0xC4) + data[sos_end:]
-    raise ValueError(kind)
-
-
-def big_header_over_small_data():
-    """A 64x64 JPEG whose header says 6000x6000 (the issue's example): 64x64 of data, then the end marker."""
-    data = bytearray(jpeg_bytes(photo_like(3, 64, 64)))
-    sof = next(a for m, a, _ in segments(bytes(data)) if m == 0xC0)
-    data[sof + 5 : sof + 9] = struct.pack(">HH", 6000, 6000)
-    return bytes(data)
 
 
 @pytest.mark.parametrize("kind", ["cut_reterminated", "spurious_marker", "no_huffman_tables"])
