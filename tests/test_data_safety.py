@@ -186,10 +186,10 @@ def test_progress_is_reported_batch_by_batch_inside_a_shard(tmp_path, worker, mo
 
 
 def zero_bomb_shard(path: Path, size: int) -> list[str]:
-    """A .tar.gz (a few MB) of: two good samples, one whose .jpg is `size` zero bytes, one more good one.
-    Written by streaming the tar through zlib, so that the big member never exists in memory here either."""
+    """A .tar.gz (9 MB for 2 GiB) of two good samples, one whose .jpg is `size` zero bytes, one more good
+    one. Written by streaming the tar through zlib: the big member never exists in memory here either."""
     good = shard_samples(3, seed=9)
-    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip container
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 31)  # gzip container; level 1: twice as fast as 9 here
     with open(path, "wb") as f:
 
         def member(name, data=None, length=None):
@@ -213,13 +213,14 @@ def zero_bomb_shard(path: Path, size: int) -> list[str]:
     return [s["__key__"] for s in good]
 
 
-PEAK_RSS_BOUND_MIB = 512  # the whole process: torch, the model, the shard (350 MiB measured; 4.46 GB on main)
+# the whole process: torch, the model, the shard (334-350 MiB measured here; 4.46 GB before the limit)
+PEAK_RSS_BOUND_MIB = 512
 
 
 def test_compressed_multi_gib_member_is_skipped_within_a_memory_bound(tmp_path, small_checkpoint):
     shard = tmp_path / "bomb-000000.tar.gz"
     keys = zero_bomb_shard(shard, 2 * 1024**3)
-    assert shard.stat().st_size < 5 * 1024**2
+    assert shard.stat().st_size < 16 * 1024**2
     script = (
         "import json, sys\n"
         "from pipeline.memory import peak_rss_mib\n"
