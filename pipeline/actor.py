@@ -37,8 +37,13 @@ class TokenizerActor:
         return os.getpid()
 
     def process(self, url: str, output: str) -> dict:
-        progress = None if self.counter is None else self.counter.add.remote  # fire and forget
-        return self.worker.process(url, output, progress)
+        if self.counter is None:
+            return self.worker.process(url, output)
+        record = self.worker.process(url, output, self.counter.add.remote)  # reports: fire and forget
+        # calls from one caller run in order: once this one is done, every report of the shard has arrived,
+        # so the driver, which reads the counter after the record, never counts less than was committed
+        ray.get(self.counter.add.remote(0))
+        return record
 
 
 class ProgressCounter:

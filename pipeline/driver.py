@@ -1,8 +1,9 @@
 """The tokenize job's driver: plan the run, feed shards to a pool of tokenizer actors, retry, report.
 
 Shards go through a dynamic queue (an actor asks for the next shard when one finishes), committed shards
-are skipped (resume by default), a shard whose actor dies or fails is retried on a fresh actor, and a
-progress bar shows shards done, images/s, ETA and samples skipped.
+are skipped (resume by default), a shard whose actor dies or fails is retried on a fresh actor (one whose
+bytes are unreadable fails at once and is left to the next run), and a progress bar shows shards done,
+images encoded (reported as they are, inside shards), images/s, ETA and samples skipped.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pipeline.manifest import (
     read_run,
     write_run,
 )
-from pipeline.samples import TAR_TRUNCATED
+from pipeline.samples import TAR_TRUNCATED, ShardUnreadable
 from pipeline.shards import expand_shards, identity_mismatch, shard_identity, shard_stem
 from pipeline.tokenizer import TokenizeOptions
 
@@ -290,7 +291,11 @@ def run_job(settings: JobSettings, shards: list[str], run: dict) -> JobSummary:
                     retry(url, f"actor died: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 except RayTaskError as e:
                     cause = e.cause if getattr(e, "cause", None) is not None else e
-                    retry(url, f"{type(cause).__name__}: {str(cause).splitlines()[-1][:300]}")
+                    error = f"{type(cause).__name__}: {str(cause).splitlines()[-1][:300]}"
+                    if isinstance(cause, ShardUnreadable):  # the bytes are bad: the next run retries it
+                        summary.failed[shard_stem(url)] = error
+                    else:
+                        retry(url, error)
                 else:
                     summary.add(record)
                     bar.update(1)

@@ -304,12 +304,19 @@ def test_shard_failing_after_retries_is_named_and_exit_1(tmp_path, small_checkpo
     prepare_output(settings, run)
     ray.init(num_cpus=1, include_dashboard=False)
     try:
-        summary = run_job(settings, [*shards, str(tmp_path / "vanished.tar")], run)
+        junk = tmp_path / "junk.tar"
+        junk.write_text("<html>not a tar</html>" * 30)
+        summary = run_job(settings, [*shards, str(tmp_path / "vanished.tar"), str(junk)], run)
     finally:
         ray.shutdown()
+    # the vanished shard is retried once; the junk one fails at once (its bytes would not change)
     assert summary.exit_code == 1 and summary.committed_now == 1 and summary.retried == 1
-    assert list(summary.failed) == ["vanished"] and "FileNotFoundError" in summary.failed["vanished"]
-    assert "FAILED vanished" in summary.format()
+    assert sorted(summary.failed) == ["junk", "vanished"]
+    assert "FileNotFoundError" in summary.failed["vanished"]
+    junk_error = summary.failed["junk"]
+    assert junk_error.startswith("ShardUnreadable: ") and "not a tar archive" in junk_error
+    assert "FAILED vanished" in summary.format() and "FAILED junk" in summary.format()
+    assert summary.encoded == summary.rows == 3  # reported by the actor batch by batch
 
 
 def wds_key(name: str) -> tuple[str, str] | None:
