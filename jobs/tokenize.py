@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shards, run = plan(settings)
         prepare_output(settings, run)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad arguments, unreadable paths: one line, exit 2
         print(f"tokenize: error: {e}", file=sys.stderr)
         return 2
     model = run["model_sha256"][:12]
