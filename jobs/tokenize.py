@@ -5,7 +5,8 @@ Run on a cluster:   ray job submit --working-dir . -- python jobs/tokenize.py --
 Run locally:        python jobs/tokenize.py --input 'shards/train-{000000..000009}.tar' --output tokens/ \\
                         --checkpoint model.safetensors
 Without a cluster to join it starts an embedded local Ray. Started again after any interruption it skips
-the committed shards. Exit status: 0 every shard committed, 1 a shard failed after retries, 2 bad arguments.
+the committed shards. Exit status: 0 every shard committed, 1 a shard could not be committed (unreadable,
+or failing after retries; named in the summary), 2 bad arguments.
 """
 
 from __future__ import annotations
