@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--examples", type=int, default=4, help="rows of the reconstruction grid")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    for name in ("image_size", "batch_size", "min_side", "max_pixels"):
+    for name in ("image_size", "batch_size", "min_side", "max_pixels", "max_member_bytes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.limit is not None and args.limit < 1:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         model = gq.load(args.checkpoint, map_location=args.device)
         if args.image_size % model.downsample:
             raise ValueError(f"--image-size must be a multiple of {model.downsample}, got {args.image_size}")
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # CheckpointError is a ValueError
+    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError; a directory: OSError
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     print(

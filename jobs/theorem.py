@@ -8,14 +8,18 @@ and times the CPU search. (The README's demo, on real photos, is jobs/demo.py.)
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
-import time
-from pathlib import Path
 
-import torch
+# Run as `python jobs/theorem.py`, this file's folder heads sys.path, where jobs/tokenize.py would shadow
+# the standard library's `tokenize` (imported by torch through inspect/linecache): put the checkout there.
+_JOBS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_JOBS)] + [p for p in sys.path if os.path.abspath(p or ".") != _JOBS]
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
 
 import gq  # noqa: E402
 from gq.synthetic import large_error_rate, posteriors_at_rate  # noqa: E402

@@ -5,7 +5,8 @@ Run on a cluster:   ray job submit --working-dir . -- python jobs/tokenize.py --
 Run locally:        python jobs/tokenize.py --input 'shards/train-{000000..000009}.tar' --output tokens/ \\
                         --checkpoint model.safetensors
 Without a cluster to join it starts an embedded local Ray. Started again after any interruption it skips
-the committed shards. Exit status: 0 every shard committed, 1 a shard failed after retries, 2 bad arguments.
+the committed shards. Exit status: 0 every shard committed, 1 a shard could not be committed (unreadable,
+or failing after retries; named in the summary), 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--on-existing",
         choices=ON_EXISTING,
         default="skip",
-        help="skip: resume, keeping committed shards; overwrite: delete DIR's token files and start afresh",
+        help="skip: resume, keeping committed shards; overwrite: delete what earlier runs recorded in DIR "
+        "(their token files, commit records, run record) and start afresh",
+    )
+    p.add_argument(
+        "--allow-nonempty-output",
+        action="store_true",
+        help="write into a DIR holding other files but no run record of this tool (they are never deleted)",
     )
     # preprocessing and bad input
     p.add_argument("--image-size", type=int, default=256, help="shorter side resized to this, center crop")
@@ -69,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retries", type=int, default=3, help="attempts per shard after the first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary still prints)")
     args = p.parse_args(argv)
-    for name in ("image_size", "batch_size", "actors", "min_side", "max_pixels"):
+    for name in ("image_size", "batch_size", "actors", "min_side", "max_pixels", "max_member_bytes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.decode_threads is None:
@@ -100,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,
         on_existing=args.on_existing,
+        allow_nonempty_output=args.allow_nonempty_output,
         retries=args.retries,
         progress=not args.no_progress,
     )
     try:
         shards, run = plan(settings)
         prepare_output(settings, run)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad arguments, unreadable paths: one line, exit 2
         print(f"tokenize: error: {e}", file=sys.stderr)
         return 2
     model = run["model_sha256"][:12]

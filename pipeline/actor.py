@@ -18,18 +18,45 @@ MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"}
 
 
 class TokenizerActor:
-    """Holds the model; `process(url, output)` tokenizes and commits one shard."""
+    """Holds the model; `process(url, output)` tokenizes and commits one shard, telling `counter` (a
+    ProgressCounter actor) of each batch of images as it is encoded."""
 
     def __init__(
-        self, checkpoint: str, options: TokenizeOptions, device: str, threads: int, expected_sha256: str
+        self,
+        checkpoint: str,
+        options: TokenizeOptions,
+        device: str,
+        threads: int,
+        expected_sha256: str,
+        counter=None,
     ) -> None:
         self.worker = ShardTokenizer(checkpoint, options, device, threads, expected_sha256)
+        self.counter = counter
 
     def pid(self) -> int:
         return os.getpid()
 
     def process(self, url: str, output: str) -> dict:
-        return self.worker.process(url, output)
+        if self.counter is None:
+            return self.worker.process(url, output)
+        record = self.worker.process(url, output, self.counter.add.remote)  # reports: fire and forget
+        # calls from one caller run in order: once this one is done, every report of the shard has arrived,
+        # so the driver, which reads the counter after the record, never counts less than was committed
+        ray.get(self.counter.add.remote(0))
+        return record
+
+
+class ProgressCounter:
+    """Images encoded so far by every actor of a job: actors add, the driver's progress bar reads."""
+
+    def __init__(self) -> None:
+        self.images = 0
+
+    def add(self, n: int) -> None:
+        self.images += n
+
+    def value(self) -> int:
+        return self.images
 
 
 def actor_env() -> dict[str, str]:

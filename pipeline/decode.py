@@ -8,15 +8,27 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.preprocess import preprocess, random_crop_flip
-from pipeline.samples import DUPLICATE, TAR_TRUNCATED, Sample, Skip
+from pipeline.samples import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    DUPLICATE,
+    LINK_MEMBER,
+    MEMBER_TOO_LARGE,
+    TAR_TRUNCATED,
+    Note,
+    Sample,
+    Skip,
+)
 
+# Every reason a sample is skipped (REASONS) or noted while still becoming a row (NOTES), defined once:
+# here, or in pipeline/samples.py for what the tar reader decides.
 TRUNCATED = "truncated image"
 CORRUPT = "corrupt image"
 EMPTY = "empty member"
@@ -36,7 +48,11 @@ REASONS = (
     ASPECT,
     TOO_MANY_PIXELS,
     TAR_TRUNCATED,
+    MEMBER_TOO_LARGE,
 )
+EXTRA_IMAGE = "extra image member"  # a second image member (.jpg and .png): the preferred one is used
+BAD_LABEL = "unparsable label"  # a .cls that is not an integer: the row's label is null
+NOTES = (LINK_MEMBER, EXTRA_IMAGE, BAD_LABEL)
 
 # Extensions taken as the image member without looking at content, in order of preference.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "image", "gif", "bmp", "tif", "tiff")
@@ -54,6 +70,12 @@ _TRANSPOSING = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 # within 52.7 dB PSNR of the full decode's (mean; worst 43.4 dB), against 45.1 (31.5) dB with a margin
 # of 1, which would also speed up 600-900 px images (2x) where a margin of 2 leaves them as they are.
 DRAFT_MARGIN = 2
+# JPEG markers read by _strict_jpeg
+_SOS, _EOI, _DHT, _DRI, _APP2, _PROGRESSIVE = 0xDA, 0xD9, 0xC4, 0xDD, 0xE2, 0xC2
+_HUFFMAN_FRAMES = (0xC0, 0xC1, _PROGRESSIVE)  # baseline, extended sequential, progressive
+_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # ends entropy-coded data (0xff00 is a stuffed byte)
+_ANY_MARKER = re.compile(rb"\xff[^\x00]")  # the same without a restart interval: no RSTn belongs there
+_LOOKAHEAD = 128  # zero bytes after a scan: libjpeg-turbo reads up to ~114 bytes ahead of what it decodes
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
@@ -75,6 +97,7 @@ class DecodeLimits:
     min_side: int = 64  # images whose shorter side is below this many pixels are skipped as too small
     max_aspect: float = 4.0  # longer side / shorter side above this is skipped as aspect ratio
     max_pixels: int = 40_000_000  # width * height declared in the header above this is never decoded
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # a tar member larger than this is never read
 
     def __post_init__(self) -> None:
         if self.min_side < 1:
@@ -83,13 +106,16 @@ class DecodeLimits:
             raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.max_member_bytes < 1:
+            raise ValueError(f"max_member_bytes must be >= 1, got {self.max_member_bytes}")
 
 
 DEFAULT_LIMITS = DecodeLimits()
 
 
 def add_limit_arguments(parser) -> None:
-    """The DecodeLimits options every job that reads images takes (--min-side, --max-aspect, --max-pixels)."""
+    """The DecodeLimits options every job that reads images takes (--min-side, --max-aspect, --max-pixels,
+    --max-member-bytes)."""
     d = DEFAULT_LIMITS
     parser.add_argument(
         "--min-side", type=int, default=d.min_side, help="skip images whose shorter side is below this"
@@ -100,10 +126,21 @@ def add_limit_arguments(parser) -> None:
     parser.add_argument(
         "--max-pixels", type=int, default=d.max_pixels, help="skip images declaring more pixels (bomb guard)"
     )
+    parser.add_argument(
+        "--max-member-bytes",
+        type=int,
+        default=d.max_member_bytes,
+        help="skip samples with a tar member larger than this (never read into memory)",
+    )
 
 
 def limits_from_args(args) -> DecodeLimits:
-    return DecodeLimits(min_side=args.min_side, max_aspect=args.max_aspect, max_pixels=args.max_pixels)
+    return DecodeLimits(
+        min_side=args.min_side,
+        max_aspect=args.max_aspect,
+        max_pixels=args.max_pixels,
+        max_member_bytes=args.max_member_bytes,
+    )
 
 
 class SkipSample(Exception):
@@ -123,6 +160,7 @@ class Decoded:
     index: int
     label: int | None
     image: np.ndarray
+    notes: list[Note] = field(default_factory=list)  # what was odd about the sample (see NOTES)
 
 
 def decode_sample(
@@ -151,7 +189,8 @@ def decode_sample(
         image = preprocess(image, image_size, full_shape)
     else:
         image = random_crop_flip(image, image_size, train_rng, full_shape)
-    return Decoded(key=sample.key, index=sample.index, label=label_of(sample.members), image=image)
+    label = label_of(sample.members)
+    return Decoded(sample.key, sample.index, label, image, notes_of(sample, ext))
 
 
 def find_image(members: dict[str, bytes]) -> tuple[str, bytes]:
@@ -182,6 +221,18 @@ def label_of(members: dict[str, bytes]) -> int | None:
     return None
 
 
+def notes_of(sample: Sample, image_ext: str) -> list[Note]:
+    """What is odd about a sample that still becomes a row: the tar reader's notes (links), image members
+    besides the one decoded (`image_ext`), a `.cls` that is not an integer (the label is null)."""
+    notes = list(sample.notes)
+    for ext, data in sample.members.items():
+        if ext != image_ext and ext.lower() in IMAGE_EXTENSIONS:
+            notes.append(Note(EXTRA_IMAGE, f".{ext} not used (.{image_ext} was)"))
+        elif ext.lower() == "cls" and label_of({ext: data}) is None:
+            notes.append(Note(BAD_LABEL, f".{ext}: {data[:40]!r}"))
+    return notes
+
+
 def decode_image(
     data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, *, draft_side: int | None = None
 ) -> np.ndarray:
@@ -207,8 +258,9 @@ def decode_image_and_shape(
     shape the preprocessing geometry is computed from, which a draft-decoded image no longer has."""
     if not data:
         raise SkipSample(EMPTY, "0 bytes")
+    source, reterminated = _strict_jpeg(data) if data.startswith(b"\xff\xd8") else (data, False)
     try:
-        image = Image.open(io.BytesIO(data), formats=_FORMATS)
+        image = Image.open(io.BytesIO(source), formats=_FORMATS)
     except Image.DecompressionBombError as e:
         raise SkipSample(TOO_MANY_PIXELS, str(e)) from None
     except UnidentifiedImageError:
@@ -240,6 +292,9 @@ def decode_image_and_shape(
         except (MemoryError, SkipSample):
             raise
         except Exception as e:
+            if reterminated and "truncated" in str(e):
+                detail = f"premature end of JPEG data: the scan stops before the declared {width}x{height}"
+                raise SkipSample(CORRUPT, detail) from None
             raise _damaged(data, image.format, f"{type(e).__name__}: {e}") from None
 
 
@@ -266,6 +321,75 @@ def _damaged(data: bytes, kind: str | None, message: str) -> SkipSample:
     if "truncated" in message or _looks_cut(data, kind):
         return SkipSample(TRUNCATED, message)
     return SkipSample(CORRUPT, message)
+
+
+def _strict_jpeg(data: bytes) -> tuple[bytes, bool]:
+    """The bytes to decode a JPEG from, and whether a marker that ended its scan was taken away.
+
+    libjpeg only warns (and PIL ignores its warnings) when a scan's data stops early at a marker: a file cut
+    and re-terminated with an end marker, or a 6000x6000 header over 64x64 of data, decodes to a grey
+    image. For a single-scan (baseline) JPEG we therefore decode the scan data without the marker that
+    follows it, padded with zero bytes (libjpeg reads a little ahead): a complete scan decodes as before,
+    a scan that stops early runs out of data and PIL raises "image file is truncated". A scan using a
+    Huffman table that no DHT segment defined (libjpeg would silently use its default tables) is corrupt.
+    Progressive, multi-scan sequential and multi-picture (MPO) JPEGs are decoded as they are.
+    """
+    pos, tables, huffman, components, restarts = 2, set(), 0, 0, False
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD8 or marker == 0x01:  # fill byte, parameterless marker
+            pos += 1 if marker == 0xFF else 2
+            continue
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        segment = data[pos + 4 : end]
+        if marker in _HUFFMAN_FRAMES:
+            huffman, components = marker, segment[5] if len(segment) > 5 else 0
+        elif marker == _DRI:
+            restarts = segment[:2] != b"\0\0"
+        elif marker == _DHT:
+            tables |= _huffman_tables(segment)
+        elif marker == _APP2 and segment.startswith(b"MPF\0"):
+            return data, False
+        elif marker == _SOS:
+            missing = _scan_tables(segment, huffman) - tables if huffman else set()
+            if missing:
+                names = ", ".join(f"{'AC' if c else 'DC'}{i}" for c, i in sorted(missing))
+                raise SkipSample(CORRUPT, f"missing Huffman table {names} (no DHT defines it)")
+            if huffman == _PROGRESSIVE or segment[:1] != bytes([components]):
+                return data, False  # progressive, or a sequential JPEG with one scan per component
+            stop = (_MARKER if restarts else _ANY_MARKER).search(data, end)
+            if stop is None:  # cut: no marker after the scan
+                return data + bytes(_LOOKAHEAD), False
+            return data[: stop.start()] + bytes(_LOOKAHEAD), True
+        elif marker == _EOI:
+            break
+        pos = end
+    return data, False
+
+
+def _huffman_tables(segment: bytes) -> set[tuple[int, int]]:
+    """(class, id) of each table a DHT segment defines (class 0: DC, 1: AC)."""
+    out, pos = set(), 0
+    while pos + 17 <= len(segment):
+        out.add((segment[pos] >> 4, segment[pos] & 15))
+        pos += 17 + sum(segment[pos + 1 : pos + 17])
+    return out
+
+
+def _scan_tables(segment: bytes, frame: int) -> set[tuple[int, int]]:
+    """(class, id) of the Huffman tables an SOS segment's scan decodes with."""
+    count = segment[0] if segment else 0
+    if len(segment) < 4 + 2 * count:
+        return set()
+    start, stop, approximation = segment[1 + 2 * count], segment[2 + 2 * count], segment[3 + 2 * count]
+    selectors = segment[2 : 2 + 2 * count : 2]
+    progressive_refinement = frame == _PROGRESSIVE and approximation >> 4
+    needed = set()
+    if start == 0 and not progressive_refinement:
+        needed |= {(0, s >> 4) for s in selectors}
+    if stop > 0:
+        needed |= {(1, s & 15) for s in selectors}
+    return needed
 
 
 def _looks_cut(data: bytes, kind: str | None) -> bool:

@@ -1,16 +1,19 @@
 """The tokenize job's driver: plan the run, feed shards to a pool of tokenizer actors, retry, report.
 
 Shards go through a dynamic queue (an actor asks for the next shard when one finishes), committed shards
-are skipped (resume by default), a shard whose actor dies or fails is retried on a fresh actor, and a
-progress bar shows shards done, images/s, ETA and samples skipped.
+are skipped (resume by default), a shard whose actor dies or fails is retried on a fresh actor (one whose
+bytes are unreadable fails at once and is left to the next run), and a progress bar shows shards done,
+images encoded (reported as they are, inside shards), images/s, ETA and samples skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import posixpath
 import sys
 import time
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import fsspec
@@ -20,9 +23,18 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 import gq
-from pipeline.actor import tokenizer_actor
-from pipeline.manifest import check_run, clear_outputs, committed_stems, read_run, write_run
-from pipeline.shards import expand_shards, shard_stem
+from pipeline.actor import ProgressCounter, tokenizer_actor
+from pipeline.manifest import (
+    check_run,
+    clear_outputs,
+    committed_stems,
+    foreign_entries,
+    read_manifest,
+    read_run,
+    write_run,
+)
+from pipeline.samples import TAR_TRUNCATED, ShardUnreadable
+from pipeline.shards import expand_shards, identity_mismatch, shard_identity, shard_stem
 from pipeline.tokenizer import TokenizeOptions
 
 ON_EXISTING = ("skip", "overwrite")
@@ -41,6 +53,7 @@ class JobSettings:
     gpus_per_actor: float = 0.0  # 0: CPU actors
     cpus_per_actor: float | None = None  # default: cluster CPUs / actors for CPU actors, 1 with GPUs
     on_existing: str = "skip"  # "skip": resume, committed shards kept; "overwrite": start DIR afresh
+    allow_nonempty_output: bool = False  # write into a DIR that holds files but no run record of ours
     retries: int = 3  # attempts per shard after the first, across actor deaths and errors
     progress: bool = True  # live progress bar on stderr
 
@@ -52,8 +65,10 @@ class JobSummary:
     committed_now: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # stem -> last error
     rows: int = 0
-    skipped: Counter = field(default_factory=Counter)  # reason -> count, this run's shards
-    truncated_shards: list[str] = field(default_factory=list)
+    encoded: int = 0  # images encoded as reported while shards run (retried shards count again)
+    skipped: Counter = field(default_factory=Counter)  # reason -> samples without a row, this run's shards
+    notes: Counter = field(default_factory=Counter)  # reason -> notes on rows, this run's shards
+    truncated_shards: dict[str, str] = field(default_factory=dict)  # stem -> where it was cut
     retried: int = 0
     actor_restarts: int = 0
     seconds: float = 0.0
@@ -63,22 +78,40 @@ class JobSummary:
     def exit_code(self) -> int:
         return 1 if self.failed else 0
 
+    def add(self, record: dict) -> None:
+        """Count a shard's commit record."""
+        self.committed_now += 1
+        self.rows += record["rows"]
+        self.skipped.update(record["skipped_by_reason"])
+        self.notes.update(record.get("notes_by_reason", {}))
+        if record["tar_truncated"]:
+            events = [e["detail"] for e in record.get("shard_events", [])]
+            cut = [s["detail"] for s in record["skipped"] if s["reason"] == TAR_TRUNCATED]
+            self.truncated_shards[record["stem"]] = (events + cut + [""])[0]
+
     def format(self) -> str:
         rate = self.rows / self.seconds if self.seconds > 0 else 0.0
-        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.skipped.items()))
         lines = [
             f"shards: {self.committed_before + self.committed_now}/{self.shards_total} committed "
             f"({self.committed_before} before this run, {self.committed_now} now, {len(self.failed)} failed)",
             f"images: {self.rows} tokenized in {self.seconds:.1f} s ({rate:.1f} images/s)",
-            f"skipped samples: {sum(self.skipped.values())}" + (f" ({reasons})" if reasons else ""),
+            f"samples skipped: {sum(self.skipped.values())}{_by_reason(self.skipped)}",
         ]
-        if self.truncated_shards:
-            lines.append(f"truncated shards: {', '.join(self.truncated_shards)}")
+        if self.notes:
+            lines.append(f"notes on kept rows: {sum(self.notes.values())}{_by_reason(self.notes)}")
+        for stem, where in self.truncated_shards.items():
+            lines.append(f"TRUNCATED {stem}: samples after the cut are lost ({where})")
         if self.retried or self.actor_restarts:
             lines.append(f"retries: {self.retried} shard attempts, {self.actor_restarts} actors replaced")
         for stem, err in self.failed.items():
-            lines.append(f"FAILED {stem}: {err}")
+            lines.append(
+                f"FAILED {stem}: not committed, its samples are not in the output; rerun to retry ({err})"
+            )
         return "\n".join(lines)
+
+
+def _by_reason(counts: Counter) -> str:
+    return f" ({', '.join(f'{r}: {n}' for r, n in sorted(counts.items()))})" if counts else ""
 
 
 def check_exist(shards: list[str]) -> None:
@@ -92,14 +125,61 @@ def check_exist(shards: list[str]) -> None:
         raise ValueError(f"input shards not found: {', '.join(missing[:3])}{more}")
 
 
+def check_paths(checkpoint: str, output: str) -> None:
+    """One-line errors for a checkpoint that is a directory and an output that is a file or under one."""
+    fs, path = fsspec.core.url_to_fs(checkpoint)
+    if fs.isdir(path):
+        raise ValueError(f"--checkpoint {checkpoint} is a directory: give the .safetensors file")
+    fs, path = fsspec.core.url_to_fs(output)
+    path = path.rstrip("/")
+    at = path
+    while at and not fs.isdir(at):
+        if fs.isfile(at):
+            where = "is a file" if at == path else f"lies under the file {at}"
+            raise ValueError(f"--output {output} {where}: give a directory")
+        if posixpath.dirname(at) == at:
+            break
+        at = posixpath.dirname(at)
+
+
+def check_committed(output: str, shards: list[str]) -> None:
+    """Refuse to resume when a committed shard's record describes another shard than the input shard of
+    that name now (another directory, or the file changed): skipping it would lose the new one's samples."""
+    done = committed_stems(output)
+    resumed = [u for u in shards if shard_stem(u) in done]
+
+    def mismatch(url: str) -> str | None:
+        return identity_mismatch(read_manifest(output, shard_stem(url)), url, shard_identity(url))
+
+    with ThreadPoolExecutor(16) as pool:  # one record read and one stat per shard: overlap them
+        found = [(u, why) for u, why in zip(resumed, pool.map(mismatch, resumed), strict=True) if why]
+    if found:
+        url, why = found[0]
+        raise ValueError(
+            f"{len(found)} committed shard(s) are not the input shards of the same name now, e.g. "
+            f"{shard_stem(url)} ({why}): use a new --output, or --on-existing overwrite to redo them"
+        )
+
+
 def plan(settings: JobSettings) -> tuple[list[str], dict]:
     """Validate the settings; the shard URLs and the run record. Raises ValueError for bad arguments."""
     if settings.on_existing not in ON_EXISTING:
         raise ValueError(f"--on-existing must be one of {ON_EXISTING}")
     if settings.actors < 1:
         raise ValueError("--actors must be >= 1")
+    check_paths(settings.checkpoint, settings.output)
     shards = expand_shards(settings.input)
     check_exist(shards)
+    foreign = foreign_entries(settings.output)
+    if foreign and not settings.allow_nonempty_output:
+        more = ", ..." if len(foreign) > 3 else ""
+        raise ValueError(
+            f"--output {settings.output} is not empty ({', '.join(foreign[:3])}{more}) and holds no run "
+            "record of this tool: give a new or empty directory, or --allow-nonempty-output to write beside "
+            "those files (they are never deleted)"
+        )
+    if settings.on_existing == "skip":
+        check_committed(settings.output, shards)
     stems = Counter(shard_stem(s) for s in shards)
     clashes = [s for s, n in stems.items() if n > 1]
     if clashes:
@@ -156,9 +236,12 @@ def run_job(settings: JobSettings, shards: list[str], run: dict) -> JobSummary:
     device = "cuda" if gpus > 0 else "cpu"
     n_actors = min(settings.actors, len(todo))
 
+    # Actors report images as they encode them, so that progress moves inside a long shard too.
+    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+
     def new_actor():
         return actor_cls.remote(
-            settings.checkpoint, settings.options, device, max(1, int(cpus)), run["model_sha256"]
+            settings.checkpoint, settings.options, device, max(1, int(cpus)), run["model_sha256"], counter
         )
 
     actors = [new_actor() for _ in range(n_actors)]
@@ -208,25 +291,27 @@ def run_job(settings: JobSettings, shards: list[str], run: dict) -> JobSummary:
                     retry(url, f"actor died: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 except RayTaskError as e:
                     cause = e.cause if getattr(e, "cause", None) is not None else e
-                    retry(url, f"{type(cause).__name__}: {str(cause).splitlines()[-1][:300]}")
+                    error = f"{type(cause).__name__}: {str(cause).splitlines()[-1][:300]}"
+                    if isinstance(cause, ShardUnreadable):  # the bytes are bad: the next run retries it
+                        summary.failed[shard_stem(url)] = error
+                    else:
+                        retry(url, error)
                 else:
-                    summary.committed_now += 1
-                    summary.rows += record["rows"]
-                    summary.skipped.update(record["skipped_by_reason"])
-                    if record["tar_truncated"]:
-                        summary.truncated_shards.append(record["stem"])
+                    summary.add(record)
                     bar.update(1)
                 feed(slot)
+            summary.encoded = ray.get(counter.value.remote())
             elapsed = time.perf_counter() - t0
             bar.set_postfix(
-                img_s=f"{summary.rows / max(elapsed, 1e-9):.1f}",
+                images=summary.encoded,
+                img_s=f"{summary.encoded / max(elapsed, 1e-9):.1f}",
                 skipped=sum(summary.skipped.values()),
                 failed=len(summary.failed),
                 refresh=False,
             )
     finally:
         bar.close()
-        for a in actors:
+        for a in [*actors, counter]:
             ray.kill(a, no_restart=True)
     summary.seconds = time.perf_counter() - t0
     return summary

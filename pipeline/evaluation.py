@@ -61,7 +61,8 @@ def shard_images(
         return item if isinstance(item, Skip) else decode_sample(item, image_size=image_size, limits=limits)
 
     with open_shard(url) as stream:
-        yield from ordered_map(decode, iter_samples(stream, shard=url), threads, 4 * max(threads, 1))
+        samples = iter_samples(stream, shard=url, max_member_bytes=limits.max_member_bytes)
+        yield from ordered_map(decode, samples, threads, 4 * max(threads, 1))
 
 
 def evaluate_shards(
@@ -100,7 +101,8 @@ def evaluate_shards(
                     flush()
                 if full():
                     break
-        except OSError as e:  # missing shard, network: recorded, the report says so and the job exits 1
+        except OSError as e:  # missing, not a tar, corrupt compression (ShardUnreadable), network: the report
+            # says so and the job exits 1
             run.unreadable.append(url)
             run.skipped.append(
                 {"shard": url, "key": "", "index": -1, "reason": SHARD_UNREADABLE, "detail": str(e)}

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from pipeline.decode import DecodeLimits, SkipSample, check_size, find_image, label_of
+from pipeline.decode import DecodeLimits, SkipSample, check_size, find_image, label_of, notes_of
 from pipeline.preprocess import resized_shape
-from pipeline.samples import Sample
+from pipeline.samples import Note, Sample
 
 _ORIENTATION = 0x0112
 RESIZE = "shorter side to image_size, torch bicubic antialias on the GPU (nvJPEG decode)"
@@ -32,6 +32,7 @@ class EncodedJpeg:
     label: int | None
     data: bytes
     sample: Sample
+    notes: list[Note]
 
 
 def nvjpeg_available() -> bool:
@@ -46,7 +47,7 @@ def nvjpeg_available() -> bool:
 def screen(sample: Sample, limits: DecodeLimits) -> EncodedJpeg | None:
     """An EncodedJpeg when the sample's image can take the GPU path, else None (the CPU path)."""
     try:
-        _, data = find_image(sample.members)
+        ext, data = find_image(sample.members)
     except SkipSample:
         return None
     if not data.startswith(b"\xff\xd8\xff"):
@@ -63,7 +64,8 @@ def screen(sample: Sample, limits: DecodeLimits) -> EncodedJpeg | None:
         check_size(width, height, limits)
     except SkipSample:
         return None
-    return EncodedJpeg(sample.key, sample.index, label_of(sample.members), data, sample)
+    label = label_of(sample.members)
+    return EncodedJpeg(sample.key, sample.index, label, data, sample, notes_of(sample, ext))
 
 
 def resize_crop(image: torch.Tensor, size: int) -> torch.Tensor:

@@ -82,16 +82,28 @@ def write_run(output: str, run: dict) -> None:
     write_atomic(join(output, RUN_FILE), json.dumps(run, indent=1, sort_keys=True).encode())
 
 
+def foreign_entries(output: str) -> list[str]:
+    """Names in DIR when DIR holds something but no run record of ours (else []): files we did not write."""
+    fs, path = fsspec.core.url_to_fs(output)
+    fs.invalidate_cache()
+    if not fs.isdir(path):
+        return []
+    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    return [] if RUN_FILE in names else names
+
+
 def clear_outputs(output: str) -> int:
-    """Delete this project's files in DIR (token files, commit records, run record); the count deleted."""
+    """Delete what earlier runs recorded as theirs in DIR: each committed shard's token file and commit
+    record, and the run record. Nothing else (files we did not write stay); the count deleted."""
     fs, path = fsspec.core.url_to_fs(output)
     fs.invalidate_cache()
     if not fs.exists(path):
         return 0
-    doomed = [p for p in fs.ls(path, detail=False) if p.endswith(".parquet") or p.endswith(RUN_FILE)]
-    mdir = posixpath.join(path.rstrip("/"), MANIFEST_DIR)
-    if fs.exists(mdir):
-        doomed += [p for p in fs.ls(mdir, detail=False) if p.endswith(".json")]
+    doomed = []
+    for stem in sorted(committed_stems(output)):
+        doomed += [token_url(output, stem), manifest_url(output, stem)]
+    doomed.append(join(output, RUN_FILE))
+    doomed = [p for p in (fsspec.core.url_to_fs(u)[1] for u in doomed) if fs.exists(p)]
     for p in doomed:
         fs.rm(p)
     return len(doomed)

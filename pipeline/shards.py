@@ -67,6 +67,29 @@ def shard_stem(url: str) -> str:
     return posixpath.splitext(name)[0] or name
 
 
+def shard_identity(url: str) -> dict:
+    """What tells this shard from another of the same name: its URL, size, and its ETag (object stores,
+    http) or else its modification time, where the filesystem has them. One metadata request."""
+    fs, path = url_to_fs(url)
+    info = fs.info(path)
+    identity = {"url": url, "size": info.get("size")}
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        identity["etag"] = str(etag).strip('"')
+    elif info.get("mtime") is not None:
+        identity["mtime"] = float(info["mtime"])
+    return identity
+
+
+def identity_mismatch(recorded: dict, url: str, current: dict | None) -> str | None:
+    """Why a committed shard's record does not describe the shard `url` now (None when it does). A record
+    written before shards carried an identity (only "shard", its URL) is compared by URL alone."""
+    pinned = recorded.get("shard_identity") or {"url": recorded.get("shard")}
+    now = current or {"url": url}
+    diffs = [f"{k} {pinned[k]!r} != {now.get(k)!r}" for k in pinned if pinned[k] != now.get(k)]
+    return "; ".join(diffs) or None
+
+
 def is_shard_file(path: str) -> bool:
     return _path_part(path).lower().endswith(SHARD_EXTENSIONS)
 

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -24,7 +25,7 @@ from pipeline.manifest import token_url, write_manifest
 from pipeline.memory import peak_rss_mib
 from pipeline.prefetch import ordered_map
 from pipeline.samples import Skip, iter_samples
-from pipeline.shards import open_shard, shard_stem
+from pipeline.shards import open_shard, shard_identity, shard_stem
 from pipeline.writer import parquet_bytes, token_table, write_atomic
 
 ENCODER_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
@@ -79,13 +80,17 @@ class ShardResult:
     """What tokenizing one shard produced, before or after writing."""
 
     stem: str
-    keys: list[str]
-    indices: list[int]
-    labels: list[int | None]
     tokens: np.ndarray  # (rows, tokens_per_image), raster order
-    skipped: list[dict]
-    truncated: bool
-    seconds: dict[str, float]
+    keys: list[str] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    labels: list[int | None] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # samples without a row: key, index, reason, detail
+    shard_events: list[dict] = field(
+        default_factory=list
+    )  # about the shard, not a sample (a cut at a header)
+    notes: list[dict] = field(default_factory=list)  # notes on rows: key, index, reason, detail
+    truncated: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 class ShardTokenizer:
@@ -185,16 +190,12 @@ class ShardTokenizer:
         batch[:] = [batch[i] for i in kept]
         return torch.stack([images[i] for i in kept]) if kept else None
 
-    def tokenize_shard(self, url: str) -> ShardResult:
-        """Read, decode and tokenize one shard (nothing written)."""
+    def tokenize_shard(self, url: str, progress: Callable[[int], None] | None = None) -> ShardResult:
+        """Read, decode and tokenize one shard (nothing written); `progress(n)` is called as each batch of
+        n images is encoded. Raises ShardUnreadable (an OSError) for a shard that cannot be read at all."""
         opts = self.options
-        stem = shard_stem(url)
-        keys: list[str] = []
-        indices: list[int] = []
-        labels: list[int | None] = []
+        result = ShardResult(shard_stem(url), np.zeros((0, self.tokens_per_image), np.int64))
         chunks: list[np.ndarray] = []
-        skipped: list[dict] = []
-        truncated = False
         decode_s = 0.0
         lock = threading.Lock()
         t0 = time.perf_counter()
@@ -221,37 +222,44 @@ class ShardTokenizer:
             if not batch:
                 return
             t = time.perf_counter()
-            images = self._batch_images(batch, skipped)
+            images = self._batch_images(batch, result.skipped)
             if batch:
                 chunks.append(self.tokenize_images(images))
             encode_s += time.perf_counter() - t
             for d in batch:
-                keys.append(d.key)
-                indices.append(d.index)
-                labels.append(d.label)
+                result.keys.append(d.key)
+                result.indices.append(d.index)
+                result.labels.append(d.label)
+                result.notes.extend({"key": d.key, "index": d.index, **asdict(n)} for n in d.notes)
+            if progress is not None and batch:
+                progress(len(batch))
             batch.clear()
 
         window = opts.batch_size * opts.prefetch_batches + opts.decode_threads
         with open_shard(url) as stream:
-            samples = iter_samples(stream, shard=url)
+            samples = iter_samples(stream, shard=url, max_member_bytes=opts.limits.max_member_bytes)
             for out in ordered_map(decode, samples, opts.decode_threads, window):
                 if isinstance(out, Skip):
-                    if out.reason == TAR_TRUNCATED:
-                        truncated = True
-                    skipped.append(asdict(out))
+                    result.truncated |= out.reason == TAR_TRUNCATED
+                    (result.skipped if out.index >= 0 else result.shard_events).append(asdict(out))
                     continue
                 batch.append(out)
                 if len(batch) >= opts.batch_size:
                     flush()
             flush()
-        tokens = np.concatenate(chunks) if chunks else np.zeros((0, self.tokens_per_image), np.int64)
+        if chunks:
+            result.tokens = np.concatenate(chunks)
         total = time.perf_counter() - t0
-        seconds = {"total": total, "encode": encode_s, "decode_thread_sum": decode_s}
-        return ShardResult(stem, keys, indices, labels, tokens, skipped, truncated, seconds)
+        result.seconds = {"total": total, "encode": encode_s, "decode_thread_sum": decode_s}
+        return result
 
-    def process(self, url: str, output: str) -> dict:
-        """Tokenize one shard, write `<stem>.parquet` atomically, then its commit record; the record."""
-        result = self.tokenize_shard(url)
+    def process(self, url: str, output: str, progress: Callable[[int], None] | None = None) -> dict:
+        """Tokenize one shard, write `<stem>.parquet` atomically, then its commit record; the record.
+
+        The record pins the shard's identity (URL, size, ETag or modification time) as read before the
+        shard, so that a later run can tell a different shard of the same name from this one."""
+        identity = shard_identity(url)
+        result = self.tokenize_shard(url, progress)
         t = time.perf_counter()
         meta = self.file_metadata()
         size = self.model.config.quantizer.codebook.size
@@ -261,15 +269,18 @@ class ShardTokenizer:
         data = parquet_bytes(table)
         write_atomic(token_url(output, result.stem), data)
         result.seconds["write"] = time.perf_counter() - t
-        reasons = Counter(s["reason"] for s in result.skipped)
         record = {
             "shard": url,
+            "shard_identity": identity,
             "stem": result.stem,
             "token_file": token_url(output, result.stem),
             "token_file_sha256": hashlib.sha256(data).hexdigest(),
             "rows": len(result.keys),
             "skipped": result.skipped,
-            "skipped_by_reason": dict(sorted(reasons.items())),
+            "skipped_by_reason": _by_reason(result.skipped),
+            "notes": result.notes,
+            "notes_by_reason": _by_reason(result.notes),
+            "shard_events": result.shard_events,
             "tar_truncated": result.truncated,
             "seconds": {k: round(v, 4) for k, v in result.seconds.items()},
             "model_sha256": meta["model_sha256"],
@@ -280,3 +291,7 @@ class ShardTokenizer:
         }
         write_manifest(output, result.stem, record)
         return record
+
+
+def _by_reason(items: list[dict]) -> dict[str, int]:
+    return dict(sorted(Counter(item["reason"] for item in items).items()))

@@ -165,7 +165,9 @@ class TrainBatches:
                 skip_first = first_sample if s == first_shard else 0
                 try:
                     with self.opener(url) as stream:
-                        for i, item in enumerate(iter_samples(stream, shard=url)):
+                        for i, item in enumerate(
+                            iter_samples(stream, shard=url, max_member_bytes=self.limits.max_member_bytes)
+                        ):
                             if i < skip_first:
                                 continue
                             samples_this_epoch += isinstance(item, Sample)

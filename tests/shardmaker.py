@@ -7,6 +7,7 @@ import os
 import struct
 import tarfile
 import zlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -226,3 +227,44 @@ def cut_tar(path: str, at: int | float, out: str | None = None) -> str:
         f.write(data[:size])
     assert os.path.getsize(out) == size
     return out
+
+
+# ---- damaged real JPEGs: libjpeg only warns about them, PIL alone decodes them to grey rows
+
+PHOTOS = Path(__file__).resolve().parents[1] / "assets" / "samples" / "photos-000000.tar"  # real JPEG crops
+
+
+def real_jpegs() -> list[bytes]:
+    with tarfile.open(PHOTOS) as tar:
+        return [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+
+
+def segments(data):
+    """(marker, offset, end) of each JPEG segment up to the first scan's header (an independent walk)."""
+    out, pos = [], 2
+    while data[pos + 1] != 0xDA:
+        end = pos + 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        out.append((data[pos + 1], pos, end))
+        pos = end
+    out.append((0xDA, pos, pos + 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]))
+    return out
+
+
+def damaged(data, kind):
+    sos_end = segments(data)[-1][2]
+    eoi = data.rindex(b"\xff\xd9")
+    if kind == "cut_reterminated":  # a third of the scan, then the end marker
+        return data[: sos_end + (eoi - sos_end) // 3] + b"\xff\xd9"
+    if kind == "spurious_marker":  # bytes flipped in the scan into a marker: the scan stops there
+        return data[: sos_end + 200] + b"\xff\xd0\xff\xd9" + data[sos_end + 204 :]
+    if kind == "no_huffman_tables":
+        return data[:2] + b"".join(data[a:b] for m, a, b in segments(data) if m != 0xC4) + data[sos_end:]
+    raise ValueError(kind)
+
+
+def big_header_over_small_data():
+    """A 64x64 JPEG whose header says 6000x6000 (the issue's example): 64x64 of data, then the end marker."""
+    data = bytearray(jpeg_bytes(photo_like(3, 64, 64)))
+    sof = next(a for m, a, _ in segments(bytes(data)) if m == 0xC0)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 6000, 6000)
+    return bytes(data)

@@ -9,12 +9,15 @@ from PIL import Image
 from shardmaker import (
     HAS_WEBP,
     bad_input_samples,
+    big_header_over_small_data,
+    damaged,
     exif_rotated_jpeg,
     jpeg_bytes,
     photo_like,
     png_bytes,
     png_declaring,
     png_with_bad_pixels,
+    real_jpegs,
     webp_bytes,
 )
 
@@ -39,7 +42,7 @@ from pipeline.decode import (
     label_of,
 )
 from pipeline.preprocess import preprocess
-from pipeline.samples import Sample, Skip, iter_samples
+from pipeline.samples import Note, Sample, Skip, iter_samples
 from pipeline.shard_writer import write_shard
 from pipeline.shards import open_shard
 
@@ -77,7 +80,10 @@ def test_reason_strings_are_the_documented_ones():
         "too many pixels",
         "tar truncated",
     )
-    assert len(set(decode.REASONS)) == 10
+    assert decode.MEMBER_TOO_LARGE == "member too large"
+    assert len(set(decode.REASONS)) == len(decode.REASONS) == 11
+    assert decode.NOTES == ("link member", "extra image member", "unparsable label")
+    assert not set(decode.NOTES) & set(decode.REASONS)
 
 
 @pytest.mark.parametrize("ext", [".tar", ".tar.zst"])
@@ -353,3 +359,61 @@ def test_decoding_from_threads_matches_sequential():
     sequential = [run(s) for s in items]
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(run, items)) == sequential
+
+
+# ---- damaged real JPEGs that libjpeg only warns about (issue 12)
+
+
+@pytest.mark.parametrize("kind", ["cut_reterminated", "spurious_marker", "no_huffman_tables"])
+def test_damaged_real_jpegs_are_corrupt_not_grey_rows(kind):
+    photos = real_jpegs()
+    assert len(photos) >= 8
+    for data in photos:
+        bad = damaged(data, kind)
+        Image.open(io.BytesIO(bad)).load()  # PIL alone decodes each of them without a word
+        with pytest.raises(SkipSample) as e:
+            decode_image(bad, DecodeLimits(max_pixels=10**9))
+        assert e.value.reason == CORRUPT, (kind, e.value)
+        # the undamaged photo still decodes, to the very pixels PIL gives
+        np.testing.assert_array_equal(
+            decode_image(data), np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        )
+
+
+def test_big_header_over_small_data_is_corrupt():
+    data = big_header_over_small_data()
+    Image.open(io.BytesIO(data)).load()  # a flat grey 6000x6000 for PIL
+    with pytest.raises(SkipSample) as e:
+        decode_image(data, DecodeLimits(max_pixels=10**9))
+    assert e.value.reason == CORRUPT and "premature end" in e.value.detail
+
+
+def test_good_jpegs_of_every_kind_decode_as_pil_does():
+    photo = photo_like(11, 150, 200)
+    kinds = [
+        jpeg_bytes(photo),
+        jpeg_bytes(photo, optimize=True),
+        jpeg_bytes(photo, subsampling=0),
+        jpeg_bytes(photo, progressive=True),
+        jpeg_bytes(photo, restart_marker_rows=1),
+        jpeg_bytes(photo[..., 0]),
+        jpeg_bytes(photo) + b"trailing junk after the end marker",
+    ]
+    assert b"\xff\xdd" in kinds[4]  # a restart interval: RSTn markers inside the scan
+    for data in kinds:
+        with Image.open(io.BytesIO(data)) as image:
+            np.testing.assert_array_equal(decode_image(data), np.asarray(image.convert("RGB")))
+
+
+def test_notes_extra_image_and_unparsable_label_keep_the_row():
+    photo = jpeg_bytes(photo_like(12, 96, 128))
+    sample = Sample("k", 3, {"jpg": photo, "png": png_bytes(photo_like(13, 96, 128)), "cls": b"cat"})
+    out = decode_sample(sample, image_size=64)
+    assert isinstance(out, Decoded) and (out.key, out.index, out.label) == ("k", 3, None)
+    assert out.notes == [
+        Note(decode.EXTRA_IMAGE, ".png not used (.jpg was)"),
+        Note(decode.BAD_LABEL, ".cls: b'cat'"),
+    ]
+    np.testing.assert_array_equal(
+        out.image, decode_sample(Sample("k", 3, {"jpg": photo}), image_size=64).image
+    )

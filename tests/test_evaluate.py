@@ -176,6 +176,27 @@ def test_limit_rule_and_unreadable_shard(shards, small_checkpoint, tmp_path):
     assert math.isfinite(r["continuous"]["psnr_db"])
 
 
+def test_unreadable_shards_exit_1_and_are_named(shards, small_checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "val-000002.tar").write_bytes(b"<!DOCTYPE html><html>404 Not Found</html>\n" * 30)
+    (bad / "val-000003.tar").write_bytes(b"")
+    (bad / "val-000004.tar.gz").write_bytes(b"not gzip at all" * 40)
+    listing = tmp_path / "shards.txt"
+    names = [f"{shards}/val-000001.tar", *(str(p) for p in sorted(bad.iterdir()))]
+    listing.write_text("\n".join(names) + "\n")
+    out = tmp_path / "out"
+    code = evaluate.main(
+        ["--checkpoint", small_checkpoint, "--data", str(listing), "--output", str(out), *ARGS]
+    )
+    assert code == 1
+    r = json.loads((out / "report.json").read_text())
+    assert r["images"] == 2 and r["data"]["shards_unreadable"] == names[1:]
+    assert r["skipped"]["by_reason"] == {"shard unreadable": 3}
+    err = capsys.readouterr().err
+    assert all(n in err for n in names[1:]), err
+
+
 def test_bad_arguments_exit_2(shards, small_checkpoint, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert (
@@ -185,6 +206,9 @@ def test_bad_arguments_exit_2(shards, small_checkpoint, tmp_path, capsys):
         == 2
     )
     assert "multiple of 8" in capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", str(tmp_path), "--data", str(shards), "--output", out]) == 2
+    err = capsys.readouterr().err
+    assert "Is a directory" in err and len(err.strip().splitlines()) == 1
     assert (
         evaluate.main(
             ["--checkpoint", str(tmp_path / "none.safetensors"), "--data", str(shards), "--output", out]

@@ -70,8 +70,8 @@ def test_only_plain_jpegs_take_the_gpu_path():
 
 def test_gpu_decoder_falls_back_image_by_image():
     good = [jpeg_bytes(photo_like(i, 80, 120)) for i in range(3)]
-    items = [EncodedJpeg(str(i), i, None, d, None) for i, d in enumerate(good)]
-    items.insert(1, EncodedJpeg("bad", 9, None, good[0][:300], None))
+    items = [EncodedJpeg(str(i), i, None, d, None, []) for i, d in enumerate(good)]
+    items.insert(1, EncodedJpeg("bad", 9, None, good[0][:300], None, []))
     done, failed = GpuJpegDecoder(64, torch.device("cpu"), decode=pil_decode)(items)
     assert failed == [1] and sorted(done) == [0, 2, 3]
     assert all(t.shape == (64, 64, 3) and t.dtype == torch.uint8 for t in done.values())

@@ -1,4 +1,5 @@
 import io
+import re
 import tarfile
 import uuid
 from pathlib import Path
@@ -8,7 +9,17 @@ import pytest
 import zstandard
 from shardmaker import cut_tar, member_offsets, shard_samples
 
-from pipeline.samples import DUPLICATE, TAR_TRUNCATED, Sample, Skip, iter_samples
+from pipeline.samples import (
+    DUPLICATE,
+    LINK_MEMBER,
+    MEMBER_TOO_LARGE,
+    TAR_TRUNCATED,
+    Note,
+    Sample,
+    ShardUnreadable,
+    Skip,
+    iter_samples,
+)
 from pipeline.shard_writer import write_shard
 from pipeline.shards import expand_shards, open_shard, shard_stem
 
@@ -266,10 +277,10 @@ def test_duplicate_keys_are_skipped_with_their_own_index():
     assert len(got) == 5
 
 
-def test_hidden_resource_fork_and_non_file_members_are_ignored():
+def test_hidden_resource_fork_and_directories_are_ignored_links_noted():
     directory = tarfile.TarInfo("dir")
     directory.type = tarfile.DIRTYPE
-    link = tarfile.TarInfo("dir/link.jpg")
+    link = tarfile.TarInfo("dir/a.png")
     link.type = tarfile.SYMTYPE
     link.linkname = "a.jpg"
     data = tar_bytes(
@@ -287,7 +298,11 @@ def test_hidden_resource_fork_and_non_file_members_are_ignored():
             ("dir/z.jpg", b"Z"),
         ]
     )
-    assert read(data) == [Sample("dir/a", 0, {"jpg": b"A", "cls": b"3"}), Sample("dir/z", 1, {"jpg": b"Z"})]
+    note = Note(LINK_MEMBER, "dir/a.png: symlink to 'a.jpg', not followed")
+    assert read(data) == [
+        Sample("dir/a", 0, {"jpg": b"A", "cls": b"3"}, [note]),
+        Sample("dir/z", 1, {"jpg": b"Z"}),
+    ]
 
 
 def write_small_tar(tmp_path, n=4):
@@ -347,12 +362,14 @@ def test_corrupt_header_stops_with_a_record(tmp_path):
     assert "corrupt tar header" in got[1].detail
 
 
-def test_empty_and_garbage_files_give_one_record():
-    for data, message in [(b"", "empty file"), (b"definitely not a tar " * 100, "corrupt tar header")]:
-        got = read(data)
-        assert len(got) == 1
-        assert (got[0].key, got[0].index, got[0].reason) == ("", -1, TAR_TRUNCATED)
-        assert message in got[0].detail
+def test_empty_garbage_and_headless_files_are_unreadable_shards():
+    for data, message in [
+        (b"", "empty file"),
+        (b"<html><body>503 Service Unavailable</body></html>\n" * 40, "not a tar archive"),
+        (tar_bytes([("a.jpg", b"A")])[:300], "not a tar archive (cut inside a header at byte 0)"),
+    ]:
+        with pytest.raises(ShardUnreadable, match=re.escape(message)):
+            read(data)
 
 
 def test_duplicate_in_progress_at_cut_still_records_the_truncation(tmp_path):
@@ -372,11 +389,17 @@ def test_every_cut_point_gives_a_prefix_and_one_record(tmp_path, ext):
     want = expected_samples(samples)
     data = Path(path).read_bytes()
     end = len(data) if ext != ".tar" else member_offsets(path)[-1][2] + 512  # past it: only zero padding
+    if ext == ".tar.zst":
+        end -= 4  # the frame's content checksum: zstandard accepts a frame cut inside it, data all there
     for at in range(0, end, max(1, end // 120)):
         cut = tmp_path / f"cut{ext}"
         cut.write_bytes(data[:at])
-        with open_shard(str(cut)) as stream:
-            got = list(iter_samples(stream))
+        try:
+            with open_shard(str(cut)) as stream:
+                got = list(iter_samples(stream))
+        except ShardUnreadable:  # no whole tar header before the cut
+            assert ext != ".tar" or at < 512, at
+            continue
         rows = [s for s in got if isinstance(s, Sample)]
         assert rows == want[: len(rows)], at
         records = [s for s in got if isinstance(s, Skip)]
@@ -394,3 +417,98 @@ def test_gzip_cut_after_the_archive_end_keeps_every_sample_and_records_it(tmp_pa
     assert got[:3] == expected_samples(samples)
     assert len(got) == 4 and (got[3].key, got[3].index, got[3].reason) == ("", -1, TAR_TRUNCATED)
     assert "after the end of the archive" in got[3].detail
+
+
+# ---- what used to be lost or kept silently (issue 12)
+
+
+def test_pax_header_of_several_megabytes_is_read_in_bounded_pieces():
+    big = tarfile.TarInfo("a.jpg")
+    big.size = 1
+    big.pax_headers = {"SCHILY.xattr.user.blob": "x" * 3_000_000, "comment": "y" * 1_500_000}
+    long_name = tarfile.TarInfo("d/" + "n" * 300 + ".jpg")  # needs a pax path record
+    long_name.size = 1
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(big, io.BytesIO(b"A"))
+        tar.addfile(long_name, io.BytesIO(b"L"))
+        tar.addfile(tarfile.TarInfo("b.cls"), io.BytesIO(b""))
+    data = buffer.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # the independent reader agrees
+        names = tar.getnames()
+    assert names == ["a.jpg", "d/" + "n" * 300 + ".jpg", "b.cls"]
+    assert read(data) == [
+        Sample("a", 0, {"jpg": b"A"}),
+        Sample("d/" + "n" * 300, 1, {"jpg": b"L"}),
+        Sample("b", 2, {"cls": b""}),
+    ]
+
+
+def test_symlink_and_hardlink_members_are_notes_on_their_sample():
+    symlink = tarfile.TarInfo("a.png")
+    symlink.type, symlink.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    hardlink = tarfile.TarInfo("b.jpg")
+    hardlink.type, hardlink.linkname = tarfile.LNKTYPE, "a.jpg"
+    got = read(tar_bytes([("a.jpg", b"A"), symlink, ("a.cls", b"1"), hardlink, ("b.cls", b"2")]))
+    assert got == [
+        Sample(
+            "a",
+            0,
+            {"jpg": b"A", "cls": b"1"},
+            [Note(LINK_MEMBER, "a.png: symlink to '/etc/passwd', not followed")],
+        ),
+        Sample("b", 1, {"cls": b"2"}, [Note(LINK_MEMBER, "b.jpg: hardlink to 'a.jpg', not followed")]),
+    ]
+
+
+def test_member_over_the_size_limit_skips_its_sample_and_the_shard_goes_on():
+    members = [("a.jpg", b"A" * 100), ("b.jpg", b"B" * 5000), ("b.cls", b"1"), ("c.jpg", b"C" * 100)]
+    data = tar_bytes(members)
+    assert len(read(data)) == 3  # the default limit is 64 MiB
+    got = list(iter_samples(io.BytesIO(data), max_member_bytes=4096))
+    assert got[0] == Sample("a", 0, {"jpg": b"A" * 100})
+    assert (got[1].key, got[1].index, got[1].reason) == ("b", 1, MEMBER_TOO_LARGE)
+    assert got[1].detail == "b.jpg: 5000 bytes > 4096 (--max-member-bytes)"
+    assert got[2] == Sample("c", 2, {"jpg": b"C" * 100})
+    assert len(got) == 3
+
+
+@pytest.mark.parametrize("ext", [".tar.gz", ".tar.zst"])
+def test_unreadable_compression_is_an_unreadable_shard(tmp_path, ext):
+    path = tmp_path / f"s{ext}"
+    path.write_bytes(b"<html>not found</html>" * 50)
+    with (
+        pytest.raises(ShardUnreadable, match="compressed stream corrupt at its start"),
+        open_shard(str(path)) as s,
+    ):
+        list(iter_samples(s))
+    path.write_bytes(b"")
+    with pytest.raises(ShardUnreadable, match="empty file"), open_shard(str(path)) as s:
+        list(iter_samples(s))
+
+
+def test_gzip_crc_failure_fails_the_shard_not_a_row(tmp_path):
+    samples = small_samples(3)
+    path = tmp_path / "s.tar.gz"
+    write_shard(str(path), samples)
+    good = path.read_bytes()
+    # flip one byte of the gzip CRC: every member decompresses, only the integrity check fails
+    path.write_bytes(good[:-8] + bytes([good[-8] ^ 1]) + good[-7:])
+    with pytest.raises(ShardUnreadable, match="CRC check failed"), open_shard(str(path)) as stream:
+        list(iter_samples(stream))
+    # a flipped byte inside the deflate data: the damaged member must not come out as a sample
+    damaged = bytearray(good)
+    damaged[len(good) // 2] ^= 0x10
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ShardUnreadable), open_shard(str(path)) as stream:
+        list(iter_samples(stream))
+
+
+def test_zstd_checksum_failure_fails_the_shard(tmp_path):
+    path = tmp_path / "s.tar.zst"
+    write_shard(str(path), small_samples(3))
+    good = path.read_bytes()
+    assert zstandard.get_frame_parameters(good).has_checksum  # write_shard writes a content checksum
+    path.write_bytes(good[:-2] + bytes([good[-2] ^ 1]) + good[-1:])
+    with pytest.raises(ShardUnreadable, match="checksum"), open_shard(str(path)) as stream:
+        list(iter_samples(stream))

@@ -1,5 +1,10 @@
 """GQ's theorem, in direction: with KL = log2 K + t bits, large errors get likelier as t grows."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -29,3 +34,25 @@ def test_large_error_probability_rises_with_rate_excess(dim, size, rule):
     assert rates[0] < rates[2] - 0.2  # 4 bits to spare: far rarer than at the rate
     if rule == "mean":
         assert rates[0] < 0.01
+
+
+def test_readme_command_runs_as_a_script():
+    """`python jobs/theorem.py` from a checkout: jobs/ heads sys.path there, where jobs/tokenize.py would
+    shadow the standard library's tokenize unless the script's start-up moves it away."""
+    repo = Path(__file__).resolve().parents[1]
+    args = ["--codebook-size", "256", "--dim", "4", "--queries", "200", "--offsets", "-4", "4"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run(
+        [sys.executable, "jobs/theorem.py", *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line.split("|") for line in res.stdout.splitlines() if line.count("|") == 2 and "KL" not in line]
+    assert [float(r[0].split()[0]) for r in rows] == [4.0, 12.0]  # log2 256 = 8 bits, -4 and +4
+    below, above = (float(r[1].split()[0]) for r in rows)
+    assert below < 0.5 < 0.9 < above  # the theorem's direction, as the library test checks in-process
+    assert "dequantize(quantize(x)) equals the selected codebook vectors: True" in res.stdout

@@ -1,12 +1,16 @@
 """jobs/tokenize.py end to end on a real local Ray: tokens, resume, refusal, kills, and an S3 object store."""
 
 import contextlib
+import gzip
+import io
 import json
 import os
+import posixpath
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 from pathlib import Path
@@ -17,10 +21,23 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
+import zstandard
 from processes import kill_marked
-from shardmaker import bad_input_samples, make_shard
+from shardmaker import (
+    bad_input_samples,
+    big_header_over_small_data,
+    cut_tar,
+    damaged,
+    jpeg_bytes,
+    make_shard,
+    member_offsets,
+    photo_like,
+    png_bytes,
+    real_jpegs,
+)
 
 import gq
+from pipeline.decode import BAD_LABEL, CORRUPT, EXTRA_IMAGE, LINK_MEMBER, MEMBER_TOO_LARGE, NO_IMAGE
 from pipeline.shard_writer import write_shard
 from pipeline.tokenizer import ShardTokenizer, TokenizeOptions
 
@@ -287,9 +304,142 @@ def test_shard_failing_after_retries_is_named_and_exit_1(tmp_path, small_checkpo
     prepare_output(settings, run)
     ray.init(num_cpus=1, include_dashboard=False)
     try:
-        summary = run_job(settings, [*shards, str(tmp_path / "vanished.tar")], run)
+        junk = tmp_path / "junk.tar"
+        junk.write_text("<html>not a tar</html>" * 30)
+        summary = run_job(settings, [*shards, str(tmp_path / "vanished.tar"), str(junk)], run)
     finally:
         ray.shutdown()
+    # the vanished shard is retried once; the junk one fails at once (its bytes would not change)
     assert summary.exit_code == 1 and summary.committed_now == 1 and summary.retried == 1
-    assert list(summary.failed) == ["vanished"] and "FileNotFoundError" in summary.failed["vanished"]
-    assert "FAILED vanished" in summary.format()
+    assert sorted(summary.failed) == ["junk", "vanished"]
+    assert "FileNotFoundError" in summary.failed["vanished"]
+    junk_error = summary.failed["junk"]
+    assert junk_error.startswith("ShardUnreadable: ") and "not a tar archive" in junk_error
+    assert "FAILED vanished" in summary.format() and "FAILED junk" in summary.format()
+    assert summary.encoded == summary.rows == 3  # reported by the actor batch by batch
+
+
+def wds_key(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a member name by the WebDataset rule, written here independently of pipeline/."""
+    directory, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    if base.startswith((".", "__")) or not (stem and dot and ext):
+        return None
+    return (f"{directory}/{stem}" if directory else stem), ext
+
+
+def count_samples(path: Path) -> int:
+    """Samples in a shard counted with Python's tarfile (members before any cut): runs of consecutive file
+    or link members sharing a key (an extension seen again starts a new run), directories ignored."""
+    raw = path.read_bytes()
+    if path.name.endswith(".gz"):
+        raw = gzip.decompress(raw)
+    elif path.name.endswith(".zst"):
+        raw = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+    runs, key, exts = 0, None, set()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        for member in tar:
+            split = None if member.isdir() else wds_key(member.name)
+            if split is None:
+                continue
+            if split[0] != key or split[1] in exts:
+                runs, key, exts = runs + 1, split[0], set()
+            exts.add(split[1])
+    return runs
+
+
+def odd_shard(path: Path) -> dict[str, tuple[str | None, str | None]]:
+    """A .tar.gz made with tarfile holding links, two images in one sample, an unparsable label, a 2 MB pax
+    header, a member over the size limit and damaged real JPEGs; key -> (skip reason, note reason)."""
+    photo = jpeg_bytes(photo_like(20, 96, 128))
+    real = real_jpegs()
+    members = [
+        ("linked.jpg", photo), ("linked.png", "symlink:linked.jpg"),
+        ("onlylink.jpg", "hardlink:linked.jpg"),
+        ("two_images.jpg", photo), ("two_images.png", png_bytes(photo_like(21, 96, 128))),
+        ("bad_label.jpg", photo), ("bad_label.cls", b"n01440764"),
+        ("big_pax.jpg", photo, {"SCHILY.xattr.user.blob": "x" * 2_000_000}),
+        ("too_big.jpg", photo), ("too_big.npy", bytes(400_000)),
+        ("cut_jpeg.jpg", damaged(real[0], "cut_reterminated")),
+        ("big_header.jpg", big_header_over_small_data()),
+        ("no_huffman.jpg", damaged(real[1], "no_huffman_tables")),
+        ("spurious_marker.jpg", damaged(real[2], "spurious_marker")),
+        ("after.jpg", real[3]), ("after.cls", b"7"),
+    ]  # fmt: skip
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for name, data, *pax in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(data, str):
+                kind, target = data.split(":")
+                info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+                info.linkname = target
+                tar.addfile(info)
+                continue
+            info.size, info.pax_headers = len(data), pax[0] if pax else {}
+            tar.addfile(info, io.BytesIO(data))
+    return {
+        "linked": (None, LINK_MEMBER), "onlylink": (NO_IMAGE, None), "two_images": (None, EXTRA_IMAGE),
+        "bad_label": (None, BAD_LABEL), "big_pax": (None, None), "too_big": (MEMBER_TOO_LARGE, None),
+        "cut_jpeg": (CORRUPT, None), "big_header": (CORRUPT, None), "no_huffman": (CORRUPT, None),
+        "spurious_marker": (CORRUPT, None), "after": (None, None),
+    }  # fmt: skip
+
+
+def test_mixed_bad_shards_every_sample_accounted(tmp_path, small_checkpoint):
+    d = tmp_path / "shards"
+    d.mkdir()
+    make_shard(str(d / "good-000000.tar"), 5, seed=50)
+    samples, bad_expected = bad_input_samples()
+    write_shard(str(d / "bad-000001.tar"), samples)
+    odd_expected = odd_shard(d / "odd-000002.tar.gz")
+    make_shard(str(d / "cut-000003.tar"), 4, seed=51)
+    cut_at = member_offsets(str(d / "cut-000003.tar"))[4][1]  # the header of the third sample's .jpg
+    cut_tar(str(d / "cut-000003.tar"), cut_at)
+    (d / "html-000004.tar").write_text("<!DOCTYPE html><html><body>502 Bad Gateway</body></html>\n" * 20)
+    (d / "empty-000005.tar").write_bytes(b"")
+    make_shard(str(d / "crc-000006.tar.gz"), 3, seed=52)
+    crc = (d / "crc-000006.tar.gz").read_bytes()
+    (d / "crc-000006.tar.gz").write_bytes(crc[:-8] + bytes([crc[-8] ^ 1]) + crc[-7:])
+    failing = {"html-000004", "empty-000005", "crc-000006"}
+
+    out = tmp_path / "tokens"
+    cmd = job_cmd(d, out, small_checkpoint, "--max-member-bytes", "300000", "--retries", "0")
+    res = run(cmd)
+    assert res.returncode == 1, res.stdout + res.stderr[-3000:]
+    assert "4/7 committed" in res.stdout
+    assert {
+        line.split()[1].rstrip(":") for line in res.stdout.splitlines() if line.startswith("FAILED")
+    } == failing
+    assert "TRUNCATED cut-000003: samples after the cut are lost" in res.stdout
+
+    records = {p.stem: json.loads(p.read_text()) for p in (out / "_manifest").glob("*.json")}
+    assert set(records) == {"good-000000", "bad-000001", "odd-000002", "cut-000003"}
+    skipped_total = 0
+    for stem, record in records.items():
+        table = pq.read_table(out / f"{stem}.parquet")
+        shard = next(d.glob(f"{stem}.tar*"))
+        # every sample a row or a recorded skip, against an independent count of the tar's members
+        assert table.num_rows + len(record["skipped"]) == count_samples(shard), stem
+        assert table.num_rows == record["rows"]
+        skipped_total += len(record["skipped"])
+    assert f"samples skipped: {skipped_total} (" in res.stdout
+
+    def outcomes(stem):
+        record = records[stem]
+        rows = pq.read_table(out / f"{stem}.parquet").to_pydict()
+        skips = {s["key"]: s["reason"] for s in record["skipped"]}
+        notes = {n["key"]: n["reason"] for n in record["notes"]}
+        return rows, skips, notes
+
+    rows, skips, notes = outcomes("odd-000002")
+    assert {k: (skips.get(k), notes.get(k)) for k in odd_expected} == odd_expected
+    assert rows["key"] == [k for k, (skip, _) in odd_expected.items() if skip is None]
+    assert dict(zip(rows["key"], rows["label"], strict=True))["bad_label"] is None
+    assert dict(zip(rows["key"], rows["label"], strict=True))["after"] == 7
+    rows, skips, _ = outcomes("bad-000001")
+    assert skips == {k: r for k, r in bad_expected.items() if r is not None}
+
+    # a rerun retries exactly the failed shards (they were never committed) and still names them
+    res = run(cmd)
+    assert res.returncode == 1 and "4 before this run, 0 now, 3 failed" in res.stdout, res.stdout
+    assert all(f"FAILED {stem}" in res.stdout for stem in failing)
