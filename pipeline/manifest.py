@@ -12,12 +12,19 @@ import posixpath
 
 import fsspec
 
+from pipeline.samples import DEFAULT_MAX_MEMBER_BYTES
 from pipeline.writer import write_atomic
 
 MANIFEST_DIR = "_manifest"
 RUN_FILE = "_run.json"
 # Run settings that change the tokens: a run into an existing DIR must agree on all of them.
 IDENTITY_FIELDS = ("model_sha256", "codebook_fingerprint", "quantizer", "image_size", "preprocessing")
+
+
+# Preprocessing settings added after run records were first written, with the value an older record
+# implies. max_member_bytes: older runs read members of any size, which differs from the default only for
+# members over 64 MiB, so an older directory resumes under the default instead of being refused.
+ADDED_PREPROCESSING = {"max_member_bytes": DEFAULT_MAX_MEMBER_BYTES}
 
 
 class RunMismatch(ValueError):
@@ -69,6 +76,10 @@ def check_run(previous: dict | None, current: dict) -> None:
     """Raise RunMismatch when `current` would mix tokens with the run recorded in `previous`."""
     if previous is None:
         return
+    before, now = previous.get("preprocessing"), current.get("preprocessing")
+    if isinstance(before, dict) and isinstance(now, dict):  # an older record: what its absent keys implied
+        implied = {k: v for k, v in ADDED_PREPROCESSING.items() if k in now and k not in before}
+        previous = previous | {"preprocessing": before | implied}
     diffs = [f for f in IDENTITY_FIELDS if previous.get(f) != current.get(f)]
     if diffs:
         detail = "; ".join(f"{f}: {previous.get(f)!r} != {current.get(f)!r}" for f in diffs)

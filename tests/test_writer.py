@@ -21,6 +21,7 @@ from pipeline.manifest import (
     write_manifest,
     write_run,
 )
+from pipeline.samples import DEFAULT_MAX_MEMBER_BYTES
 from pipeline.writer import parquet_bytes, read_metadata, token_table, write_atomic
 
 
@@ -97,6 +98,10 @@ def test_manifest_and_run_records(tmp_path):
         check_run(read_run(out), dict(run, model_sha256="other"))
     with pytest.raises(RunMismatch, match="image_size"):
         check_run(read_run(out), dict(run, image_size=128))
+    # a record written before max_member_bytes existed resumes under the default, not under another limit
+    check_run(read_run(out), dict(run, preprocessing={"max_member_bytes": DEFAULT_MAX_MEMBER_BYTES}))
+    with pytest.raises(RunMismatch, match="preprocessing"):
+        check_run(read_run(out), dict(run, preprocessing={"max_member_bytes": 1024}))
     write_atomic(join(out, "train-000001.parquet"), b"x")
     (tmp_path / "tokens" / "notes.txt").write_text("user file")
     assert clear_outputs(out) == 4
