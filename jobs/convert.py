@@ -16,21 +16,18 @@ checkpoint/config this version cannot convert (one line saying which field or te
 
 from __future__ import annotations
 
+import startup  # noqa: F401  (first: the jobs' shared start-up, jobs/startup.py)
+
+# isort: split
+import argparse
+import math
 import os
 import sys
 
-# Run as `python jobs/convert.py`, this file's folder heads sys.path, where jobs/tokenize.py would shadow
-# the standard library's `tokenize` (imported by inspect/linecache): put the checkout there instead.
-_JOBS = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_JOBS)] + [p for p in sys.path if os.path.abspath(p or ".") != _JOBS]
+import fsspec
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-
-import fsspec  # noqa: E402
-
-import gq  # noqa: E402
-from gq.official import from_official, save_official  # noqa: E402
+import gq
+from gq.official import from_official, save_official
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

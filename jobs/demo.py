@@ -7,28 +7,25 @@ commit records, run record) and `out/demo/grid.png` (original | continuous VAE |
 
 from __future__ import annotations
 
-import os
+import startup  # (first: the jobs' shared start-up, jobs/startup.py)
+
+# isort: split
+import argparse
 import sys
+from pathlib import Path
 
-# jobs/tokenize.py would shadow the standard library's `tokenize` while this folder heads sys.path.
-_JOBS = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_JOBS)] + [p for p in sys.path if os.path.abspath(p or ".") != _JOBS]
+import numpy as np
+import pyarrow.parquet as pq
+import torch
 
-import argparse  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
-
-import gq  # noqa: E402
-from gq.metrics import psnr, to_uint8, usage_from_counts  # noqa: E402
-from pipeline.decode import Decoded, decode_sample  # noqa: E402
-from pipeline.driver import JobSettings, plan, prepare_output, run_job  # noqa: E402
-from pipeline.plots import reconstruction_grid  # noqa: E402
-from pipeline.samples import iter_samples  # noqa: E402
-from pipeline.shards import expand_shards, open_shard, shard_stem  # noqa: E402
-from pipeline.tokenizer import TokenizeOptions  # noqa: E402
+import gq
+from gq.metrics import psnr, to_uint8, usage_from_counts
+from pipeline.decode import Decoded, decode_sample
+from pipeline.driver import JobSettings, plan, prepare_output, run_job
+from pipeline.plots import reconstruction_grid
+from pipeline.samples import iter_samples
+from pipeline.shards import expand_shards, open_shard, shard_stem
+from pipeline.tokenizer import TokenizeOptions
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = REPO / "assets" / "demo" / "gq-small-f8c16-0.25bpp-tdc.safetensors"
@@ -71,14 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     shards, run = plan(settings)
     prepare_output(settings, run)
 
-    import ray
-
     print(f"1/3 tokenizing {len(shards)} shard(s) with {Path(args.checkpoint).name} on a local Ray ...")
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="ERROR")
-    try:
+    with startup.ray_session(logging_level="ERROR"):
         summary = run_job(settings, shards, run)
-    finally:
-        ray.shutdown()
     print(summary.format())
     if summary.exit_code:
         return summary.exit_code

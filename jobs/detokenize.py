@@ -11,22 +11,18 @@ codebook fingerprint or model sha256 differs from the checkpoint's is refused be
 
 from __future__ import annotations
 
-import os
+import startup  # noqa: F401  (first: the jobs' shared start-up, jobs/startup.py)
+
+# isort: split
+import argparse
 import sys
 
-# Run as `python jobs/detokenize.py`, this file's folder heads sys.path, where jobs/tokenize.py would shadow
-# the standard library's `tokenize` (imported by inspect/linecache): put the checkout there instead.
-_JOBS = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_JOBS)] + [p for p in sys.path if os.path.abspath(p or ".") != _JOBS]
+import pyarrow as pa
 
-import argparse  # noqa: E402
-
-import pyarrow as pa  # noqa: E402
-
-import gq  # noqa: E402
-from pipeline.detokenizer import TokenMismatch, check_tokens_match, detokenize_file  # noqa: E402
-from pipeline.reader import list_token_files  # noqa: E402
-from pipeline.writer import read_metadata  # noqa: E402
+import gq
+from pipeline.detokenizer import TokenMismatch, check_tokens_match, detokenize_file
+from pipeline.reader import list_token_files
+from pipeline.writer import read_metadata
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,20 +10,17 @@ written, 1 report written but a shard was unreadable or no image could be evalua
 
 from __future__ import annotations
 
+import startup  # noqa: F401  (first: the jobs' shared start-up, jobs/startup.py)
+
+# isort: split
+import argparse
 import os
 import sys
 
-# Run as `python jobs/evaluate.py`, this file's folder heads sys.path, where jobs/tokenize.py would shadow
-# the standard library's `tokenize` (imported by inspect/linecache): put the checkout there instead.
-_JOBS = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_JOBS)] + [p for p in sys.path if os.path.abspath(p or ".") != _JOBS]
-
-import argparse  # noqa: E402
-
-import gq  # noqa: E402
-from pipeline.decode import add_limit_arguments, limits_from_args  # noqa: E402
-from pipeline.evaluation import EvalSettings, build_report, evaluate_shards, write_report  # noqa: E402
-from pipeline.shards import expand_shards  # noqa: E402
+import gq
+from pipeline.decode import add_limit_arguments, limits_from_args
+from pipeline.evaluation import EvalSettings, build_report, evaluate_shards, write_report
+from pipeline.shards import expand_shards
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

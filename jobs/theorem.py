@@ -8,21 +8,17 @@ and times the CPU search. (The README's demo, on real photos, is jobs/demo.py.)
 
 from __future__ import annotations
 
-import os
+import startup  # noqa: F401  (first: the jobs' shared start-up, jobs/startup.py)
+
+# isort: split
+import argparse
 import sys
+import time
 
-# Run as `python jobs/theorem.py`, this file's folder heads sys.path, where jobs/tokenize.py would shadow
-# the standard library's `tokenize` (imported by torch through inspect/linecache): put the checkout there.
-_JOBS = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_JOBS)] + [p for p in sys.path if os.path.abspath(p or ".") != _JOBS]
+import torch
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-import gq  # noqa: E402
-from gq.synthetic import large_error_rate, posteriors_at_rate  # noqa: E402
+import gq
+from gq.synthetic import large_error_rate, posteriors_at_rate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,19 +11,15 @@ or failing after retries; named in the summary), 2 bad arguments.
 
 from __future__ import annotations
 
-import os
+import startup  # (first: the jobs' shared start-up, jobs/startup.py)
+
+# isort: split
+import argparse
 import sys
 
-# Run as `python jobs/tokenize.py`, this file's folder heads sys.path and the file would shadow the
-# standard library's `tokenize` module (imported by inspect/linecache): put the checkout there instead.
-_JOBS = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_JOBS)] + [p for p in sys.path if os.path.abspath(p or ".") != _JOBS]
-
-import argparse  # noqa: E402
-
-from pipeline.decode import add_limit_arguments, limits_from_args  # noqa: E402
-from pipeline.driver import ON_EXISTING, JobSettings, plan, prepare_output, run_job  # noqa: E402
-from pipeline.tokenizer import JPEG_DECODERS, TokenizeOptions  # noqa: E402
+from pipeline.decode import add_limit_arguments, limits_from_args
+from pipeline.driver import ON_EXISTING, JobSettings, plan, prepare_output, run_job
+from pipeline.tokenizer import JPEG_DECODERS, TokenizeOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,15 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     model = run["model_sha256"][:12]
     print(f"tokenize: {len(shards)} shards -> {settings.output} (model {model})", flush=True)
 
-    import ray  # late: argument errors above answer without starting Ray
-
-    # address=None joins RAY_ADDRESS or a local `ray start` cluster, else starts an embedded one; that one
-    # needs no dashboard (a dozen processes on a small machine). Ignored when joining a cluster.
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
-    try:
+    with startup.ray_session():
         summary = run_job(settings, shards, run)
-    finally:
-        ray.shutdown()
     print(summary.format(), flush=True)
     return summary.exit_code
 

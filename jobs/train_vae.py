@@ -13,21 +13,18 @@ submit`, whose working directory is a temporary copy. Exit status: 0 done, 1 fai
 
 from __future__ import annotations
 
+import startup  # (first: the jobs' shared start-up, jobs/startup.py)
+
+# isort: split
+import argparse
 import os
 import sys
+import traceback
 
-# Run as `python jobs/train_vae.py`, this file's folder heads sys.path, where jobs/tokenize.py would shadow
-# the standard library's `tokenize` (imported by traceback/linecache): put the checkout there instead.
-_JOBS = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_JOBS)] + [p for p in sys.path if os.path.abspath(p or ".") != _JOBS]
-
-import argparse  # noqa: E402
-import traceback  # noqa: E402
-
-import gq  # noqa: E402
-from gq.losses import LossConfig  # noqa: E402
-from pipeline.shards import expand_shards  # noqa: E402
-from pipeline.trainer import TrainSettings, export_finished, run_training  # noqa: E402
+import gq
+from gq.losses import LossConfig
+from pipeline.shards import expand_shards
+from pipeline.trainer import TrainSettings, export_finished, run_training
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainSettings]:
@@ -149,14 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             if problem:
                 print(f"train_vae: error: {problem}", file=sys.stderr)
                 return 2
-            import ray  # late: argument errors above answer without starting Ray
-
-            # address=None joins RAY_ADDRESS or a local `ray start` cluster, else starts an embedded one.
-            ray.init(address=os.environ.get("RAY_ADDRESS") or None)
-            try:
+            with startup.ray_session(include_dashboard=None):  # Ray's default: Ray Train reports there
                 result = run_training(settings)
-            finally:
-                ray.shutdown()
     except Exception as e:  # a clear one-line reason at the end of the log, the traceback above it
         traceback.print_exc()
         print(f"train_vae: failed: {type(e).__name__}: {e}", file=sys.stderr)
