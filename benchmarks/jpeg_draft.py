@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import gq  # noqa: E402
-from pipeline.decode import DRAFT_MARGIN, decode_image_and_shape, find_image  # noqa: E402
-from pipeline.preprocess import preprocess  # noqa: E402
-from pipeline.samples import Sample, iter_samples  # noqa: E402
-from pipeline.shards import is_shard_file, open_shard  # noqa: E402
+from pipeline.data.decode import DRAFT_MARGIN, decode_image_and_shape, find_image  # noqa: E402
+from pipeline.data.preprocess import preprocess  # noqa: E402
+from pipeline.data.samples import Sample, iter_samples  # noqa: E402
+from pipeline.data.shards import is_shard_file, open_shard  # noqa: E402
 
 DEMO = REPO / "assets/demo/gq-small-f8c16-0.25bpp-tdc.safetensors"
 

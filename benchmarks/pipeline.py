@@ -27,14 +27,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import gq  # noqa: E402
-from pipeline.decode import Decoded, decode_sample  # noqa: E402
-from pipeline.manifest import read_manifest  # noqa: E402
+from pipeline.data.decode import Decoded, decode_sample  # noqa: E402
+from pipeline.data.samples import iter_samples  # noqa: E402
+from pipeline.data.shard_writer import write_shard  # noqa: E402
+from pipeline.data.shards import expand_shards, open_shard, shard_stem  # noqa: E402
+from pipeline.io import write_atomic  # noqa: E402
 from pipeline.memory import peak_rss_mib  # noqa: E402
-from pipeline.samples import iter_samples  # noqa: E402
-from pipeline.shard_writer import write_shard  # noqa: E402
-from pipeline.shards import expand_shards, open_shard, shard_stem  # noqa: E402
-from pipeline.tokenizer import TokenizeOptions  # noqa: E402
-from pipeline.writer import parquet_bytes, token_table, write_atomic  # noqa: E402
+from pipeline.tokenize.processor import TokenizeOptions  # noqa: E402
+from pipeline.tokens.records import read_manifest  # noqa: E402
+from pipeline.tokens.writer import parquet_bytes, token_table  # noqa: E402
 
 
 def source_images(source: str | None, count: int, seed: int) -> list[tuple[bytes, int]]:
@@ -119,7 +120,7 @@ def pipeline_child(args: argparse.Namespace) -> None:
     """One pipeline measurement (child process): embedded Ray, one CPU actor, all shards."""
     import ray
 
-    from pipeline.driver import JobSettings, plan, prepare_output, run_job
+    from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job
 
     opts = TokenizeOptions(
         image_size=args.image_size, batch_size=args.batch_size, decode_threads=int(args.decode_threads)

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import gq  # noqa: E402
-from pipeline.preprocess import preprocess  # noqa: E402
+from pipeline.data.preprocess import preprocess  # noqa: E402
 
 PHOTOS = REPO / "assets" / "samples" / "photos-000000.tar"
 

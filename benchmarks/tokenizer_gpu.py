@@ -27,13 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import gq  # noqa: E402
-from pipeline import gpu_decode  # noqa: E402
-from pipeline.decode import Decoded, decode_sample  # noqa: E402
-from pipeline.samples import Sample, iter_samples  # noqa: E402
-from pipeline.shard_writer import write_shard  # noqa: E402
-from pipeline.shards import expand_shards, open_shard  # noqa: E402
-from pipeline.tokenizer import ShardTokenizer, TokenizeOptions  # noqa: E402
-from pipeline.writer import parquet_bytes, token_table  # noqa: E402
+from pipeline.data import gpu_decode  # noqa: E402
+from pipeline.data.decode import Decoded, decode_sample  # noqa: E402
+from pipeline.data.samples import Sample, iter_samples  # noqa: E402
+from pipeline.data.shard_writer import write_shard  # noqa: E402
+from pipeline.data.shards import expand_shards, open_shard  # noqa: E402
+from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions  # noqa: E402
+from pipeline.tokens.writer import parquet_bytes, token_table  # noqa: E402
 
 DEMO = REPO / "assets/demo/gq-small-f8c16-0.25bpp-tdc.safetensors"
 SAMPLES = REPO / "assets/samples/photos-000000.tar"

@@ -20,12 +20,12 @@ import torch
 
 import gq
 from gq.metrics import psnr, to_uint8, usage_from_counts
-from pipeline.decode import Decoded, decode_sample
-from pipeline.driver import JobSettings, plan, prepare_output, run_job
-from pipeline.plots import reconstruction_grid
-from pipeline.samples import iter_samples
-from pipeline.shards import expand_shards, open_shard, shard_stem
-from pipeline.tokenizer import TokenizeOptions
+from pipeline.data.decode import Decoded, decode_sample
+from pipeline.data.samples import iter_samples
+from pipeline.data.shards import expand_shards, open_shard, shard_stem
+from pipeline.evaluate.plots import reconstruction_grid
+from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job
+from pipeline.tokenize.processor import TokenizeOptions
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = REPO / "assets" / "demo" / "gq-small-f8c16-0.25bpp-tdc.safetensors"

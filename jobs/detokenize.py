@@ -20,9 +20,9 @@ import sys
 import pyarrow as pa
 
 import gq
-from pipeline.detokenizer import TokenMismatch, check_tokens_match, detokenize_file
-from pipeline.reader import list_token_files
-from pipeline.writer import read_metadata
+from pipeline.tokens.detokenizer import TokenMismatch, check_tokens_match, detokenize_file
+from pipeline.tokens.reader import list_token_files
+from pipeline.tokens.writer import read_metadata
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,9 +18,9 @@ import os
 import sys
 
 import gq
-from pipeline.decode import add_limit_arguments, limits_from_args
-from pipeline.evaluation import EvalSettings, build_report, evaluate_shards, write_report
-from pipeline.shards import expand_shards
+from pipeline.data.decode import add_limit_arguments, limits_from_args
+from pipeline.data.shards import expand_shards
+from pipeline.evaluate.report import EvalSettings, build_report, evaluate_shards, write_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

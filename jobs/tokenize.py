@@ -17,9 +17,9 @@ import startup  # (first: the jobs' shared start-up, jobs/startup.py)
 import argparse
 import sys
 
-from pipeline.decode import add_limit_arguments, limits_from_args
-from pipeline.driver import ON_EXISTING, JobSettings, plan, prepare_output, run_job
-from pipeline.tokenizer import JPEG_DECODERS, TokenizeOptions
+from pipeline.data.decode import add_limit_arguments, limits_from_args
+from pipeline.tokenize.driver import ON_EXISTING, JobSettings, plan, prepare_output, run_job
+from pipeline.tokenize.processor import JPEG_DECODERS, TokenizeOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -23,8 +23,8 @@ import traceback
 
 import gq
 from gq.losses import LossConfig
-from pipeline.shards import expand_shards
-from pipeline.trainer import TrainSettings, export_finished, run_training
+from pipeline.data.shards import expand_shards
+from pipeline.train.loop import TrainSettings, export_finished, run_training
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainSettings]:

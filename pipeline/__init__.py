@@ -1,1 +1,2 @@
-"""Ray orchestration and data I/O for tokenizing WebDataset shards into Parquet (issue 3 builds it)."""
+"""Data I/O and Ray orchestration, one folder per part of the work: data/ (images in), tokens/ (token
+files out and back), tokenize/ (the tokenize job), train/ (the training job), evaluate/ (reports)."""

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, features
 
-from pipeline.decode import (
+from pipeline.data.decode import (
     ASPECT,
     CORRUPT,
     DUPLICATE,
@@ -24,7 +24,7 @@ from pipeline.decode import (
     TOO_SMALL,
     TRUNCATED,
 )
-from pipeline.shard_writer import write_shard
+from pipeline.data.shard_writer import write_shard
 
 HAS_WEBP = features.check("webp")
 

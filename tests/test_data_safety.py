@@ -14,12 +14,12 @@ import pytest
 from shardmaker import make_shard, shard_samples
 
 from jobs import tokenize
-from pipeline import tokenizer as tokenizer_module
-from pipeline.driver import JobSettings, JobSummary, plan, prepare_output
-from pipeline.manifest import manifest_url, read_manifest
-from pipeline.samples import MEMBER_TOO_LARGE, TAR_TRUNCATED, ShardUnreadable, iter_samples
-from pipeline.shard_writer import write_shard
-from pipeline.tokenizer import ShardTokenizer, TokenizeOptions
+from pipeline.data.samples import MEMBER_TOO_LARGE, TAR_TRUNCATED, ShardUnreadable, iter_samples
+from pipeline.data.shard_writer import write_shard
+from pipeline.tokenize import processor as tokenizer_module
+from pipeline.tokenize.driver import JobSettings, JobSummary, plan, prepare_output
+from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
+from pipeline.tokens.records import manifest_url, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 OPTS = TokenizeOptions(image_size=64, batch_size=4, decode_threads=0)
@@ -224,7 +224,7 @@ def test_compressed_multi_gib_member_is_skipped_within_a_memory_bound(tmp_path, 
     script = (
         "import json, sys\n"
         "from pipeline.memory import peak_rss_mib\n"
-        "from pipeline.tokenizer import ShardTokenizer, TokenizeOptions\n"
+        "from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions\n"
         "w = ShardTokenizer(sys.argv[2], TokenizeOptions(image_size=64, batch_size=4, decode_threads=0))\n"
         "r = w.tokenize_shard(sys.argv[1])\n"
         "print(json.dumps({'keys': r.keys, 'skipped': r.skipped, 'peak': peak_rss_mib()}))\n"

@@ -21,8 +21,8 @@ from shardmaker import (
     webp_bytes,
 )
 
-from pipeline import decode
-from pipeline.decode import (
+from pipeline.data import decode
+from pipeline.data.decode import (
     CORRUPT,
     DUPLICATE,
     EMPTY,
@@ -41,10 +41,10 @@ from pipeline.decode import (
     find_image,
     label_of,
 )
-from pipeline.preprocess import preprocess
-from pipeline.samples import Note, Sample, Skip, iter_samples
-from pipeline.shard_writer import write_shard
-from pipeline.shards import open_shard
+from pipeline.data.preprocess import preprocess
+from pipeline.data.samples import Note, Sample, Skip, iter_samples
+from pipeline.data.shard_writer import write_shard
+from pipeline.data.shards import open_shard
 
 LIMITS = DecodeLimits()
 

@@ -9,9 +9,10 @@ from shardmaker import make_shard
 
 import gq
 from jobs import detokenize
-from pipeline.detokenizer import key_path
-from pipeline.tokenizer import ShardTokenizer, TokenizeOptions
-from pipeline.writer import parquet_bytes, read_metadata, token_table, write_atomic
+from pipeline.io import write_atomic
+from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
+from pipeline.tokens.detokenizer import key_path
+from pipeline.tokens.writer import parquet_bytes, read_metadata, token_table
 
 
 @pytest.fixture(scope="module")

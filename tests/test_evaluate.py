@@ -14,10 +14,10 @@ from test_metrics import reference_ssim
 
 import gq
 from jobs import evaluate
-from pipeline import plots
-from pipeline.decode import decode_image
-from pipeline.preprocess import preprocess
-from pipeline.shard_writer import write_shard
+from pipeline.data.decode import decode_image
+from pipeline.data.preprocess import preprocess
+from pipeline.data.shard_writer import write_shard
+from pipeline.evaluate import plots
 
 ARGS = ["--image-size", "64", "--batch-size", "4", "--no-progress", "--decode-threads", "0"]
 

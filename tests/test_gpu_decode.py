@@ -13,12 +13,12 @@ from PIL import Image
 from shardmaker import bad_input_samples, exif_rotated_jpeg, jpeg_bytes, make_shard, photo_like
 
 import gq
-from pipeline.decode import DecodeLimits
-from pipeline.gpu_decode import EncodedJpeg, GpuJpegDecoder, resize_crop, screen
-from pipeline.preprocess import preprocess
-from pipeline.samples import Sample
-from pipeline.shard_writer import write_shard
-from pipeline.tokenizer import ShardTokenizer, TokenizeOptions
+from pipeline.data.decode import DecodeLimits
+from pipeline.data.gpu_decode import EncodedJpeg, GpuJpegDecoder, resize_crop, screen
+from pipeline.data.preprocess import preprocess
+from pipeline.data.samples import Sample
+from pipeline.data.shard_writer import write_shard
+from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 
 DEMO = "assets/demo/gq-small-f8c16-0.25bpp-tdc.safetensors"
 

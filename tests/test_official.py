@@ -26,7 +26,7 @@ from gq.official import (
     to_official_state,
 )
 from kernels.reference import direct_scores, reference_search, score_scale
-from pipeline.preprocess import preprocess
+from pipeline.data.preprocess import preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "official-gq"

@@ -12,13 +12,13 @@ import torch
 from shardmaker import bad_input_samples, make_shard
 
 import gq
-from pipeline.decode import DecodeLimits, decode_image, decode_image_and_shape
-from pipeline.manifest import read_manifest
-from pipeline.prefetch import ordered_map
-from pipeline.preprocess import preprocess
-from pipeline.shard_writer import write_shard
-from pipeline.tokenizer import ShardTokenizer, TokenizeOptions
-from pipeline.writer import read_metadata
+from pipeline.data.decode import DecodeLimits, decode_image, decode_image_and_shape
+from pipeline.data.preprocess import preprocess
+from pipeline.data.shard_writer import write_shard
+from pipeline.data.stages import ordered_map
+from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
+from pipeline.tokens.records import read_manifest
+from pipeline.tokens.writer import read_metadata
 
 OPTS = TokenizeOptions(image_size=64, batch_size=4, decode_threads=2)
 

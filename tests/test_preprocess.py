@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from shardmaker import photo_like
 
-from pipeline.preprocess import preprocess, random_crop_flip, resize_shorter_side, to_model_input
+from pipeline.data.preprocess import preprocess, random_crop_flip, resize_shorter_side, to_model_input
 
 
 @pytest.mark.parametrize("shape", [(96, 128), (128, 96), (64, 64), (40, 50), (300, 301), (257, 1000)])

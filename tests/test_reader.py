@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import reader as reader_module
-from pipeline.export import export_flat, open_flat
-from pipeline.reader import TokenDataset, TokenFileMismatch, assign_units, list_token_files
-from pipeline.writer import parquet_bytes, token_table, write_atomic
+from pipeline.io import write_atomic
+from pipeline.tokens import reader as reader_module
+from pipeline.tokens.export import export_flat, open_flat
+from pipeline.tokens.reader import TokenDataset, TokenFileMismatch, assign_units, list_token_files
+from pipeline.tokens.writer import parquet_bytes, token_table
 
 K, GRID, GROUPS = 65536, (2, 2), 2  # 8 tokens per image
 LENGTH = GRID[0] * GRID[1] * GROUPS

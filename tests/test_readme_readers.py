@@ -10,7 +10,8 @@ import pytest
 import ray
 import torch
 
-from pipeline.writer import parquet_bytes, token_table, write_atomic
+from pipeline.io import write_atomic
+from pipeline.tokens.writer import parquet_bytes, token_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 K, GRID = 65536, (32, 32)  # 1024 tokens per image, as the README's comments say (256 px, 0.25 bpp)

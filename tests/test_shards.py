@@ -9,7 +9,7 @@ import pytest
 import zstandard
 from shardmaker import cut_tar, member_offsets, shard_samples
 
-from pipeline.samples import (
+from pipeline.data.samples import (
     DUPLICATE,
     LINK_MEMBER,
     MEMBER_TOO_LARGE,
@@ -20,8 +20,8 @@ from pipeline.samples import (
     Skip,
     iter_samples,
 )
-from pipeline.shard_writer import write_shard
-from pipeline.shards import expand_shards, open_shard, shard_stem
+from pipeline.data.shard_writer import write_shard
+from pipeline.data.shards import expand_shards, open_shard, shard_stem
 
 
 def touch(path, data=b"x"):

@@ -37,9 +37,9 @@ from shardmaker import (
 )
 
 import gq
-from pipeline.decode import BAD_LABEL, CORRUPT, EXTRA_IMAGE, LINK_MEMBER, MEMBER_TOO_LARGE, NO_IMAGE
-from pipeline.shard_writer import write_shard
-from pipeline.tokenizer import ShardTokenizer, TokenizeOptions
+from pipeline.data.decode import BAD_LABEL, CORRUPT, EXTRA_IMAGE, LINK_MEMBER, MEMBER_TOO_LARGE, NO_IMAGE
+from pipeline.data.shard_writer import write_shard
+from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -292,7 +292,7 @@ def test_shard_failing_after_retries_is_named_and_exit_1(tmp_path, small_checkpo
     """The driver in-process on a local Ray: a shard that cannot be read fails after its retries."""
     import ray
 
-    from pipeline.driver import JobSettings, plan, prepare_output, run_job
+    from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job
 
     good = tmp_path / "good.tar"
     make_shard(str(good), 3, seed=40)

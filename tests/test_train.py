@@ -23,16 +23,16 @@ from shardmaker import jpeg_bytes, make_shard, photo_like, shard_samples
 
 import gq
 import gq.metrics
-from pipeline.shard_writer import write_shard
-from pipeline.train_checkpoint import (
+from pipeline.data.shard_writer import write_shard
+from pipeline.train.checkpoint import (
     SNAPSHOT,
     checkpoint_complete,
     latest_complete_checkpoint,
     prepare_resume,
 )
-from pipeline.train_data import DataPosition, TrainBatches, worker_shards
-from pipeline.train_validation import validate
-from pipeline.trainer import EXPERIMENT, TrainSettings
+from pipeline.train.data import DataPosition, TrainBatches, worker_shards
+from pipeline.train.loop import EXPERIMENT, TrainSettings
+from pipeline.train.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = str(ROOT / "jobs" / "train_vae.py")

@@ -11,18 +11,18 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.manifest import (
+from pipeline.data.samples import DEFAULT_MAX_MEMBER_BYTES
+from pipeline.io import join, write_atomic
+from pipeline.tokens.records import (
     RunMismatch,
     check_run,
     clear_outputs,
     committed_stems,
-    join,
     read_run,
     write_manifest,
     write_run,
 )
-from pipeline.samples import DEFAULT_MAX_MEMBER_BYTES
-from pipeline.writer import parquet_bytes, read_metadata, token_table, write_atomic
+from pipeline.tokens.writer import parquet_bytes, read_metadata, token_table
 
 
 def _table(k: int, rows: int = 5, length: int = 12, seed: int = 0):

@@ -1,4 +1,4 @@
-"""Token files: the Parquet schema and `gq` metadata of DESIGN.md, and atomic writes to any fsspec URL."""
+"""Token files: the Parquet schema and `gq` metadata of DESIGN.md."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from gq.storage import write_atomic  # noqa: F401 (the token files' atomic write, defined once in gq)
 
 METADATA_KEY = b"gq"
 

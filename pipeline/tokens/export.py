@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.reader import (
+from pipeline.tokens.reader import (
     WorkUnit,
     check_same_codebook,
     list_token_files,
@@ -68,7 +68,7 @@ def export_flat(
 ) -> dict:
     """Write PREFIX.bin / .idx / .json (see the module doc) from the token files named by `source` (a
     directory, glob, file, or list, local or fsspec); `prefix` is a local path. Returns the .json content.
-    Files with different codebooks are refused (pipeline.reader.TokenFileMismatch)."""
+    Files with different codebooks are refused (pipeline.tokens.reader.TokenFileMismatch)."""
     if offset < 0:
         raise ValueError(f"offset must be >= 0, got {offset}")
     files = [open_token_file(u) for u in list_token_files(source)]

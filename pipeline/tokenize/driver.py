@@ -23,8 +23,11 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 import gq
-from pipeline.actor import ProgressCounter, tokenizer_actor
-from pipeline.manifest import (
+from pipeline.data.samples import TAR_TRUNCATED, ShardUnreadable
+from pipeline.data.shards import expand_shards, identity_mismatch, shard_identity, shard_stem
+from pipeline.tokenize.actor import ProgressCounter, tokenizer_actor
+from pipeline.tokenize.processor import TokenizeOptions
+from pipeline.tokens.records import (
     check_run,
     clear_outputs,
     committed_stems,
@@ -33,9 +36,6 @@ from pipeline.manifest import (
     read_run,
     write_run,
 )
-from pipeline.samples import TAR_TRUNCATED, ShardUnreadable
-from pipeline.shards import expand_shards, identity_mismatch, shard_identity, shard_stem
-from pipeline.tokenizer import TokenizeOptions
 
 ON_EXISTING = ("skip", "overwrite")
 SHARDS_IN_FLIGHT_PER_ACTOR = 2  # one running, one queued on the actor: no idle gap between shards

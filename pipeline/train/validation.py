@@ -10,12 +10,12 @@ import torch
 import gq
 from gq.metrics import codebook_usage, psnr
 from gq.tdc import kl_bits
-from pipeline.decode import Decoded, decode_sample
-from pipeline.samples import iter_samples
-from pipeline.shards import open_shard
+from pipeline.data.decode import Decoded, decode_sample
+from pipeline.data.samples import iter_samples
+from pipeline.data.shards import open_shard
 
 if TYPE_CHECKING:
-    from pipeline.trainer import TrainSettings
+    from pipeline.train.loop import TrainSettings
 
 
 def load_val_images(val_shards: list[str], s: TrainSettings) -> torch.Tensor | None:

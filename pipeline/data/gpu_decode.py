@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from pipeline.decode import DecodeLimits, SkipSample, check_size, find_image, label_of, notes_of
-from pipeline.preprocess import resized_shape
-from pipeline.samples import Note, Sample
+from pipeline.data.decode import DecodeLimits, SkipSample, check_size, find_image, label_of, notes_of
+from pipeline.data.preprocess import resized_shape
+from pipeline.data.samples import Note, Sample
 
 _ORIENTATION = 0x0112
 RESIZE = "shorter side to image_size, torch bicubic antialias on the GPU (nvJPEG decode)"
@@ -70,7 +70,7 @@ def screen(sample: Sample, limits: DecodeLimits) -> EncodedJpeg | None:
 
 def resize_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (3, H, W) -> uint8 (size, size, 3): shorter side to `size` (bicubic, antialiased, the
-    geometry of pipeline.preprocess), then the center crop."""
+    geometry of pipeline.data.preprocess), then the center crop."""
     _, height, width = image.shape
     if min(height, width) == size:
         resized = image

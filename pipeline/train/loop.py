@@ -47,10 +47,10 @@ from gq.losses import (
     reconstruction_loss,
 )
 from gq.tdc import MODES
-from pipeline.decode import REASONS
+from pipeline.data.decode import REASONS
+from pipeline.data.shards import expand_shards
 from pipeline.memory import peak_rss_mib
-from pipeline.shards import expand_shards
-from pipeline.train_checkpoint import (
+from pipeline.train.checkpoint import (
     export,
     latest_checkpoint,
     prepare_resume,
@@ -58,8 +58,8 @@ from pipeline.train_checkpoint import (
     save_checkpoint,
     say,
 )
-from pipeline.train_data import SHARD_UNREADABLE, DataPosition, TrainBatches
-from pipeline.train_validation import format_val, load_val_images, validate
+from pipeline.train.data import SHARD_UNREADABLE, DataPosition, TrainBatches
+from pipeline.train.validation import format_val, load_val_images, validate
 
 EXPERIMENT = "ray_train"  # Ray Train's run name: its storage is DIR/ray_train
 MODEL_KEYS = ("preset", "bpp", "kl_mode")  # settings a restart may not change

@@ -18,12 +18,12 @@ import torch
 
 import gq
 from gq.evaluation import Evaluator
-from pipeline import plots
-from pipeline.decode import DEFAULT_LIMITS, Decoded, DecodeLimits, decode_sample
-from pipeline.manifest import join
-from pipeline.prefetch import ordered_map
-from pipeline.samples import Skip, iter_samples
-from pipeline.shards import open_shard
+from pipeline.data.decode import DEFAULT_LIMITS, Decoded, DecodeLimits, decode_sample
+from pipeline.data.samples import Skip, iter_samples
+from pipeline.data.shards import open_shard
+from pipeline.data.stages import ordered_map
+from pipeline.evaluate import plots
+from pipeline.io import join
 
 SHARD_UNREADABLE = "shard unreadable"
 MAX_SKIPS_LISTED = 1000  # skipped samples listed one by one in report.json (all are counted by reason)

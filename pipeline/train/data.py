@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from pipeline.decode import DEFAULT_LIMITS, Decoded, DecodeLimits, decode_sample
-from pipeline.preprocess import to_model_input
-from pipeline.samples import Sample, Skip, iter_samples
-from pipeline.shards import open_shard
+from pipeline.data.decode import DEFAULT_LIMITS, Decoded, DecodeLimits, decode_sample
+from pipeline.data.preprocess import to_model_input
+from pipeline.data.samples import Sample, Skip, iter_samples
+from pipeline.data.shards import open_shard
 
 SHARD_UNREADABLE = "shard unreadable"
 MAX_EXAMPLES = 20  # skipped samples kept (key, reason, detail) for the logs

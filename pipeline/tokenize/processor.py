@@ -18,15 +18,16 @@ import numpy as np
 import torch
 
 import gq
-from pipeline import gpu_decode
-from pipeline.decode import DRAFT_MARGIN, TAR_TRUNCATED, Decoded, DecodeLimits, decode_sample
-from pipeline.gpu_decode import EncodedJpeg, GpuJpegDecoder
-from pipeline.manifest import token_url, write_manifest
+from pipeline.data import gpu_decode
+from pipeline.data.decode import DRAFT_MARGIN, TAR_TRUNCATED, Decoded, DecodeLimits, decode_sample
+from pipeline.data.gpu_decode import EncodedJpeg, GpuJpegDecoder
+from pipeline.data.samples import Skip, iter_samples
+from pipeline.data.shards import open_shard, shard_identity, shard_stem
+from pipeline.data.stages import ordered_map
+from pipeline.io import write_atomic
 from pipeline.memory import peak_rss_mib
-from pipeline.prefetch import ordered_map
-from pipeline.samples import Skip, iter_samples
-from pipeline.shards import open_shard, shard_identity, shard_stem
-from pipeline.writer import parquet_bytes, token_table, write_atomic
+from pipeline.tokens.records import token_url, write_manifest
+from pipeline.tokens.writer import parquet_bytes, token_table
 
 ENCODER_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 JPEG_DECODERS = ("pil", "pil-draft", "nvjpeg")

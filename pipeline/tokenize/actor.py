@@ -7,7 +7,7 @@ from pathlib import Path
 
 import ray
 
-from pipeline.tokenizer import ShardTokenizer, TokenizeOptions
+from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 
 # Environment the actors need from the driver's: object-store credentials and endpoints, fsspec settings.
 FORWARDED_ENV_PREFIXES = ("AWS_", "FSSPEC_", "GOOGLE_", "GCS_", "HF_")

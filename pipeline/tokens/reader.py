@@ -8,7 +8,7 @@ are shuffled within their unit with (seed, epoch, unit), and optionally mixed ac
 shuffle buffer. Only the needed columns are read (pyarrow), from local paths or any fsspec URL.
 
     from torch.utils.data import DataLoader
-    from pipeline.reader import TokenDataset
+    from pipeline.tokens.reader import TokenDataset
 
     ds = TokenDataset("tokens/", seed=0, offset=3, bos=1, eos=2)   # a directory, glob, file or list of them
     loader = DataLoader(ds, batch_size=64, num_workers=4)          # sequences share one length: default
@@ -43,7 +43,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.writer import METADATA_KEY
+from pipeline.tokens.writer import METADATA_KEY
 
 TOKENS = "tokens"
 META_COLUMNS = ("key", "label", "shard", "index")

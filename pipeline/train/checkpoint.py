@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import gq
-from pipeline.train_data import DataPosition
+from pipeline.train.data import DataPosition
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's checkpoint list in that directory
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.preprocess import preprocess, random_crop_flip
-from pipeline.samples import (
+from pipeline.data.preprocess import preprocess, random_crop_flip
+from pipeline.data.samples import (
     DEFAULT_MAX_MEMBER_BYTES,
     DUPLICATE,
     LINK_MEMBER,

@@ -12,8 +12,8 @@ import posixpath
 
 import fsspec
 
-from pipeline.samples import DEFAULT_MAX_MEMBER_BYTES
-from pipeline.writer import write_atomic
+from pipeline.data.samples import DEFAULT_MAX_MEMBER_BYTES
+from pipeline.io import join, write_atomic
 
 MANIFEST_DIR = "_manifest"
 RUN_FILE = "_run.json"
@@ -29,11 +29,6 @@ ADDED_PREPROCESSING = {"max_member_bytes": DEFAULT_MAX_MEMBER_BYTES}
 
 class RunMismatch(ValueError):
     """The output directory holds tokens from a different model, codebook or preprocessing."""
-
-
-def join(base: str, *parts: str) -> str:
-    """Path join that keeps URL schemes (`s3://b/x` + `y` -> `s3://b/x/y`)."""
-    return posixpath.join(base.rstrip("/"), *parts)
 
 
 def token_url(output: str, stem: str) -> str:
