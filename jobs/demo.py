@@ -12,6 +12,7 @@ import startup  # (first: the jobs' shared start-up, jobs/startup.py)
 # isort: split
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,8 @@ import torch
 import gq
 from gq.metrics import psnr, to_uint8, usage_from_counts
 from pipeline.data.decode import Decoded, decode_sample
-from pipeline.data.samples import iter_samples
-from pipeline.data.shards import expand_shards, open_shard, shard_stem
+from pipeline.data.shards import expand_shards, shard_stem
+from pipeline.data.stages import decoded, shard_samples
 from pipeline.evaluate.plots import reconstruction_grid
 from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job
 from pipeline.tokenize.processor import TokenizeOptions
@@ -44,14 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def originals(spec: str, image_size: int) -> dict[tuple[str, str], np.ndarray]:
     """(shard stem, key) -> the preprocessed uint8 image the pipeline tokenized."""
-    out = {}
-    for url in expand_shards(spec):
-        with open_shard(url) as stream:
-            for s in iter_samples(stream):
-                d = decode_sample(s, image_size=image_size) if hasattr(s, "members") else s
-                if isinstance(d, Decoded):
-                    out[(shard_stem(url), d.key)] = d.image
-    return out
+    decode = partial(decode_sample, image_size=image_size)
+    return {
+        (shard_stem(url), d.key): d.image
+        for url in expand_shards(spec)
+        for d in decoded(shard_samples(url), decode)
+        if isinstance(d, Decoded)
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

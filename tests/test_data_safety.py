@@ -14,9 +14,9 @@ import pytest
 from shardmaker import make_shard, shard_samples
 
 from jobs import tokenize
+from pipeline.data import stages as stages_module
 from pipeline.data.samples import MEMBER_TOO_LARGE, TAR_TRUNCATED, ShardUnreadable, iter_samples
 from pipeline.data.shard_writer import write_shard
-from pipeline.tokenize import processor as tokenizer_module
 from pipeline.tokenize.driver import JobSettings, JobSummary, plan, prepare_output
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 from pipeline.tokens.records import manifest_url, read_manifest
@@ -178,7 +178,7 @@ def test_progress_is_reported_batch_by_batch_inside_a_shard(tmp_path, worker, mo
             read.append(item.key)
             yield item
 
-    monkeypatch.setattr(tokenizer_module, "iter_samples", counting)
+    monkeypatch.setattr(stages_module, "iter_samples", counting)
     calls = []
     result = worker.tokenize_shard(str(shard), progress=lambda n: calls.append((n, len(read))))
     assert [n for n, _ in calls] == [4, 4, 2] and len(result.keys) == 10

@@ -25,6 +25,7 @@ TAR_TRUNCATED = "tar truncated"
 DUPLICATE = "duplicate key"
 MEMBER_TOO_LARGE = "member too large"
 LINK_MEMBER = "link member"  # a note: a symlink or hardlink member, not followed
+SHARD_UNREADABLE = "shard unreadable"  # a whole-shard event: missing, not a tar, bad compression, I/O
 
 DEFAULT_MAX_MEMBER_BYTES = 64 * 1024 * 1024
 BLOCK = 512

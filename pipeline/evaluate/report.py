@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import fsspec
 import numpy as np
@@ -18,14 +19,12 @@ import torch
 
 import gq
 from gq.evaluation import Evaluator
-from pipeline.data.decode import DEFAULT_LIMITS, Decoded, DecodeLimits, decode_sample
-from pipeline.data.samples import Skip, iter_samples
-from pipeline.data.shards import open_shard
-from pipeline.data.stages import ordered_map
+from pipeline.data.decode import DEFAULT_LIMITS, DecodeLimits, decode_sample
+from pipeline.data.samples import SHARD_UNREADABLE, Skip
+from pipeline.data.stages import batched, decoded, shard_samples
 from pipeline.evaluate import plots
 from pipeline.io import join
 
-SHARD_UNREADABLE = "shard unreadable"
 MAX_SKIPS_LISTED = 1000  # skipped samples listed one by one in report.json (all are counted by reason)
 PLOTS = {"grid": "reconstructions.png", "kl": "kl_histogram.png", "usage": "code_usage.png"}
 
@@ -52,62 +51,37 @@ class EvalRun:
     seconds: float = 0.0
 
 
-def shard_images(
-    url: str, *, image_size: int, limits: DecodeLimits = DEFAULT_LIMITS, threads: int = 2
-) -> Iterator[Decoded | Skip]:
-    """The shard's samples decoded and center-cropped as `ShardTokenizer` does, in order; bad ones as Skip."""
-
-    def decode(item):
-        return item if isinstance(item, Skip) else decode_sample(item, image_size=image_size, limits=limits)
-
-    with open_shard(url) as stream:
-        samples = iter_samples(stream, shard=url, max_member_bytes=limits.max_member_bytes)
-        yield from ordered_map(decode, samples, threads, 4 * max(threads, 1))
-
-
 def evaluate_shards(
     model: gq.GQVAE,
     shards: list[str],
     settings: EvalSettings,
     progress: Callable[[Iterator[str]], Iterator[str]] = iter,
 ) -> EvalRun:
-    """Score every decodable image of `shards` (up to `settings.limit`); `progress` wraps the shard loop
-    (e.g. tqdm). A shard that cannot be opened or read is recorded as unreadable and the next one read."""
+    """Score every decodable image of `shards` (up to `settings.limit`), decoded and center-cropped as
+    `ShardTokenizer` does; `progress` wraps the shard loop (e.g. tqdm). A shard that cannot be opened or
+    read is recorded as unreadable and the next one read."""
     t0 = time.perf_counter()
     run = EvalRun(Evaluator(model, rule=settings.rule, examples=settings.examples), list(shards))
-    ev = run.evaluator
-    batch: list[np.ndarray] = []
-
-    def flush() -> None:
-        if batch:
-            ev.update(torch.from_numpy(np.stack(batch)))
-            batch.clear()
+    ev, limit = run.evaluator, settings.limit
+    decode = partial(decode_sample, image_size=settings.image_size, limits=settings.limits)
 
     def full() -> bool:
-        return settings.limit is not None and ev.images + len(batch) >= settings.limit
+        return limit is not None and ev.images >= limit
 
     for url in progress(shards):
         if full():
             break
-        try:
-            for item in shard_images(
-                url, image_size=settings.image_size, limits=settings.limits, threads=settings.decode_threads
-            ):
-                if isinstance(item, Skip):
-                    run.skipped.append({"shard": url, **asdict(item)})
-                    continue
-                batch.append(item.image)
-                if len(batch) >= settings.batch_size:
-                    flush()
-                if full():
-                    break
-        except OSError as e:  # missing, not a tar, corrupt compression (ShardUnreadable), network: the report
-            # says so and the job exits 1
-            run.unreadable.append(url)
-            run.skipped.append(
-                {"shard": url, "key": "", "index": -1, "reason": SHARD_UNREADABLE, "detail": str(e)}
-            )
-    flush()
+        samples = shard_samples(url, max_member_bytes=settings.limits.max_member_bytes, on_error="skip")
+        for item in batched(decoded(samples, decode, settings.decode_threads), settings.batch_size):
+            if isinstance(item, Skip):
+                run.skipped.append({"shard": url, **asdict(item)})
+                if item.reason == SHARD_UNREADABLE:  # the report says so and the job exits 1
+                    run.unreadable.append(url)
+                continue
+            images = [d.image for d in item][: None if limit is None else limit - ev.images]
+            ev.update(torch.from_numpy(np.stack(images)))
+            if full():
+                break
     run.seconds = time.perf_counter() - t0
     return run
 

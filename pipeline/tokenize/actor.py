@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import ray
 
+from pipeline import ROOT
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 
 # Environment the actors need from the driver's: object-store credentials and endpoints, fsspec settings.
@@ -63,7 +63,7 @@ def actor_env() -> dict[str, str]:
     """Driver environment forwarded to actors, with this checkout importable on every worker."""
     env = dict(MALLOC_ENV)
     env |= {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in MALLOC_ENV}
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(ROOT)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     return env
 

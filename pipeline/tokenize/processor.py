@@ -1,7 +1,7 @@
 """The shard processor: one WebDataset shard in, one committed Parquet token file out; no Ray needed.
 
 `ShardTokenizer` holds the GQ-VAE on its device. Decoding runs ahead of the model in a thread pool with a
-bounded window, so decode and encode overlap; the Ray actor (`pipeline/actor.py`) only wraps this class.
+bounded window, so decode and encode overlap; the Ray actor (`actor.py`) only wraps this class.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import gq
 from pipeline.data import gpu_decode
 from pipeline.data.decode import DRAFT_MARGIN, TAR_TRUNCATED, Decoded, DecodeLimits, decode_sample
 from pipeline.data.gpu_decode import EncodedJpeg, GpuJpegDecoder
-from pipeline.data.samples import Skip, iter_samples
-from pipeline.data.shards import open_shard, shard_identity, shard_stem
-from pipeline.data.stages import ordered_map
+from pipeline.data.samples import Sample, Skip
+from pipeline.data.shards import shard_identity, shard_stem
+from pipeline.data.stages import batched, decoded, shard_samples
 from pipeline.io import write_atomic
 from pipeline.memory import peak_rss_mib
 from pipeline.tokens.records import token_url, write_manifest
@@ -92,6 +92,21 @@ class ShardResult:
     notes: list[dict] = field(default_factory=list)  # notes on rows: key, index, reason, detail
     truncated: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _Timed:
+    """A function that adds up the seconds spent in it, from any number of threads."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.seconds, self._lock = fn, 0.0, threading.Lock()
+
+    def __call__(self, *args):
+        t = time.perf_counter()
+        try:
+            return self.fn(*args)
+        finally:
+            with self._lock:
+                self.seconds += time.perf_counter() - t
 
 
 class ShardTokenizer:
@@ -191,67 +206,49 @@ class ShardTokenizer:
         batch[:] = [batch[i] for i in kept]
         return torch.stack([images[i] for i in kept]) if kept else None
 
+    def _decode(self, sample: Sample) -> Decoded | Skip | EncodedJpeg:
+        """One sample as the options say: screened for the GPU decoder, else decoded on the CPU."""
+        opts = self.options
+        out = gpu_decode.screen(sample, opts.limits) if self.jpeg_decoder is not None else None
+        if out is None:
+            draft = opts.jpeg_decoder == "pil-draft"
+            out = decode_sample(sample, image_size=opts.image_size, limits=opts.limits, jpeg_draft=draft)
+        return out
+
+    def _encode(self, batch: list, result: ShardResult) -> np.ndarray | None:
+        """Tokens of a batch; its rows (and their notes) appended to `result` in order."""
+        images = self._batch_images(batch, result.skipped)  # drops what the GPU decoder then skips
+        for d in batch:
+            result.keys.append(d.key)
+            result.indices.append(d.index)
+            result.labels.append(d.label)
+            result.notes.extend({"key": d.key, "index": d.index, **asdict(n)} for n in d.notes)
+        return self.tokenize_images(images) if batch else None
+
     def tokenize_shard(self, url: str, progress: Callable[[int], None] | None = None) -> ShardResult:
         """Read, decode and tokenize one shard (nothing written); `progress(n)` is called as each batch of
         n images is encoded. Raises ShardUnreadable (an OSError) for a shard that cannot be read at all."""
         opts = self.options
         result = ShardResult(shard_stem(url), np.zeros((0, self.tokens_per_image), np.int64))
         chunks: list[np.ndarray] = []
-        decode_s = 0.0
-        lock = threading.Lock()
+        decode, encode = _Timed(self._decode), _Timed(self._encode)
         t0 = time.perf_counter()
-        encode_s = 0.0
-
-        draft = opts.jpeg_decoder == "pil-draft"
-
-        def decode(item):
-            nonlocal decode_s
-            if isinstance(item, Skip):
-                return item
-            t = time.perf_counter()
-            out = gpu_decode.screen(item, opts.limits) if self.jpeg_decoder is not None else None
-            if out is None:
-                out = decode_sample(item, image_size=opts.image_size, limits=opts.limits, jpeg_draft=draft)
-            with lock:
-                decode_s += time.perf_counter() - t
-            return out
-
-        batch: list[Decoded] = []
-
-        def flush() -> None:
-            nonlocal encode_s
-            if not batch:
-                return
-            t = time.perf_counter()
-            images = self._batch_images(batch, result.skipped)
-            if batch:
-                chunks.append(self.tokenize_images(images))
-            encode_s += time.perf_counter() - t
-            for d in batch:
-                result.keys.append(d.key)
-                result.indices.append(d.index)
-                result.labels.append(d.label)
-                result.notes.extend({"key": d.key, "index": d.index, **asdict(n)} for n in d.notes)
-            if progress is not None and batch:
-                progress(len(batch))
-            batch.clear()
-
         window = opts.batch_size * opts.prefetch_batches + opts.decode_threads
-        with open_shard(url) as stream:
-            samples = iter_samples(stream, shard=url, max_member_bytes=opts.limits.max_member_bytes)
-            for out in ordered_map(decode, samples, opts.decode_threads, window):
-                if isinstance(out, Skip):
-                    result.truncated |= out.reason == TAR_TRUNCATED
-                    (result.skipped if out.index >= 0 else result.shard_events).append(asdict(out))
-                    continue
-                batch.append(out)
-                if len(batch) >= opts.batch_size:
-                    flush()
-            flush()
+        samples = shard_samples(url, max_member_bytes=opts.limits.max_member_bytes)
+        for item in batched(decoded(samples, decode, opts.decode_threads, window), opts.batch_size):
+            if isinstance(item, Skip):
+                result.truncated |= item.reason == TAR_TRUNCATED
+                (result.skipped if item.index >= 0 else result.shard_events).append(asdict(item))
+                continue
+            tokens = encode(item, result)
+            if tokens is not None:
+                chunks.append(tokens)
+                if progress is not None:
+                    progress(len(tokens))
         if chunks:
             result.tokens = np.concatenate(chunks)
         total = time.perf_counter() - t0
-        result.seconds = {"total": total, "encode": encode_s, "decode_thread_sum": decode_s}
+        result.seconds = {"total": total, "encode": encode.seconds, "decode_thread_sum": decode.seconds}
         return result
 
     def process(self, url: str, output: str, progress: Callable[[int], None] | None = None) -> dict:

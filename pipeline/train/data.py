@@ -23,10 +23,10 @@ import torch
 
 from pipeline.data.decode import DEFAULT_LIMITS, Decoded, DecodeLimits, decode_sample
 from pipeline.data.preprocess import to_model_input
-from pipeline.data.samples import Sample, Skip, iter_samples
+from pipeline.data.samples import SHARD_UNREADABLE, Sample, Skip
 from pipeline.data.shards import open_shard
+from pipeline.data.stages import shard_samples
 
-SHARD_UNREADABLE = "shard unreadable"
 MAX_EXAMPLES = 20  # skipped samples kept (key, reason, detail) for the logs
 
 
@@ -163,20 +163,16 @@ class TrainBatches:
             for s in range(first_shard, len(mine)):
                 url = self.shards[mine[s]]
                 skip_first = first_sample if s == first_shard else 0
-                try:
-                    with self.opener(url) as stream:
-                        for i, item in enumerate(
-                            iter_samples(stream, shard=url, max_member_bytes=self.limits.max_member_bytes)
-                        ):
-                            if i < skip_first:
-                                continue
-                            samples_this_epoch += isinstance(item, Sample)
-                            rng = (
-                                sample_rng(self.seed, epoch, mine[s], i) if isinstance(item, Sample) else None
-                            )
-                            yield item, rng, DataPosition(epoch, s, i + 1)
-                except OSError as e:  # missing shard, network: counted, the next shard is read
-                    self._count(Skip(key="", index=-1, reason=SHARD_UNREADABLE, detail=f"{url}: {e}"))
+                samples = shard_samples(
+                    url, max_member_bytes=self.limits.max_member_bytes, on_error="skip", opener=self.opener
+                )
+                for i, item in enumerate(samples):
+                    if isinstance(item, Skip) and item.reason == SHARD_UNREADABLE:
+                        self._count(item)  # missing shard, network: counted, the next shard is read
+                    elif i >= skip_first:
+                        samples_this_epoch += isinstance(item, Sample)
+                        rng = sample_rng(self.seed, epoch, mine[s], i) if isinstance(item, Sample) else None
+                        yield item, rng, DataPosition(epoch, s, i + 1)
             if first_shard == 0 and first_sample == 0 and samples_this_epoch == 0:
                 raise RuntimeError(
                     f"worker {self.rank}: a whole epoch over its {len(mine)} shards gave no sample "

@@ -47,7 +47,9 @@ from gq.losses import (
     reconstruction_loss,
 )
 from gq.tdc import MODES
+from pipeline import ROOT
 from pipeline.data.decode import REASONS
+from pipeline.data.samples import SHARD_UNREADABLE
 from pipeline.data.shards import expand_shards
 from pipeline.memory import peak_rss_mib
 from pipeline.train.checkpoint import (
@@ -58,7 +60,7 @@ from pipeline.train.checkpoint import (
     save_checkpoint,
     say,
 )
-from pipeline.train.data import SHARD_UNREADABLE, DataPosition, TrainBatches
+from pipeline.train.data import DataPosition, TrainBatches
 from pipeline.train.validation import format_val, load_val_images, validate
 
 EXPERIMENT = "ray_train"  # Ray Train's run name: its storage is DIR/ray_train
@@ -249,7 +251,7 @@ def run_provenance(settings: TrainSettings, commit: str | None) -> dict:
 def git_commit() -> str | None:
     """HEAD of the checkout this code runs from, with "-dirty" when it has uncommitted changes; None if
     there is no git."""
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10

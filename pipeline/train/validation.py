@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+from itertools import islice
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -11,8 +13,7 @@ import gq
 from gq.metrics import codebook_usage, psnr
 from gq.tdc import kl_bits
 from pipeline.data.decode import Decoded, decode_sample
-from pipeline.data.samples import iter_samples
-from pipeline.data.shards import open_shard
+from pipeline.data.stages import decoded, shard_samples
 
 if TYPE_CHECKING:
     from pipeline.train.loop import TrainSettings
@@ -20,19 +21,9 @@ if TYPE_CHECKING:
 
 def load_val_images(val_shards: list[str], s: TrainSettings) -> torch.Tensor | None:
     """The first `val_images` decodable validation images, center-cropped, uint8 (N, S, S, 3)."""
-    images = []
-    for url in val_shards:
-        with open_shard(url) as stream:
-            for item in iter_samples(stream, shard=url):
-                if len(images) >= s.val_images:
-                    break
-                if not hasattr(item, "members"):
-                    continue
-                decoded = decode_sample(item, image_size=s.image_size)
-                if isinstance(decoded, Decoded):
-                    images.append(decoded.image)
-        if len(images) >= s.val_images:
-            break
+    decode = partial(decode_sample, image_size=s.image_size)
+    items = (d for url in val_shards for d in decoded(shard_samples(url), decode, threads=0))
+    images = list(islice((d.image for d in items if isinstance(d, Decoded)), s.val_images))
     return torch.from_numpy(np.stack(images)) if images else None
 
 
