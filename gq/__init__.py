@@ -6,7 +6,7 @@ Paper: "Vector Quantization using Gaussian Variational Autoencoder", Xu et al., 
 from gq.checkpoint import CheckpointError, describe, load, save
 from gq.codebook import CodebookSpec, GaussianCodebook
 from gq.layout import LAYOUTS, merge_groups, split_groups
-from gq.model import GQVAE, ModelConfig
+from gq.model import GQVAE, ModelConfig, ModelIdentity
 from gq.networks import NetworkConfig
 from gq.official import from_official, save_official, to_official_config, to_official_state
 from gq.presets import OPERATING_POINTS, PRESETS, model_config
@@ -27,6 +27,7 @@ __all__ = [
     "to_official_config",
     "to_official_state",
     "ModelConfig",
+    "ModelIdentity",
     "NetworkConfig",
     "load",
     "model_config",

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from gq.model import GQVAE, ModelConfig
+from gq.model import GQVAE, ModelConfig, ModelIdentity
 from gq.storage import write_atomic
 
 FORMAT = "gq-tokenizer/gqvae"
@@ -81,14 +81,17 @@ def read_metadata(data: bytes, name: str = "checkpoint") -> dict[str, str]:
     return meta
 
 
+def _config(meta: dict[str, str], name: str) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(json.loads(meta["config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{name}: holds a model config this version cannot build: {e}") from None
+
+
 def load_bytes(data: bytes, name: str = "checkpoint", map_location: str | torch.device = "cpu") -> GQVAE:
     """Build the model from checkpoint bytes; in eval mode, on `map_location`."""
     meta = read_metadata(data, name)
-    try:
-        config = ModelConfig.from_dict(json.loads(meta["config"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{name}: holds a model config this version cannot build: {e}") from None
-    model = GQVAE(config)
+    model = GQVAE(_config(meta, name))
     if model.codebook_fingerprint != meta.get("codebook_fingerprint"):
         raise CheckpointError(
             f"{name}: codebook rebuilt from its recipe has fingerprint {model.codebook_fingerprint[:16]}, "
@@ -111,13 +114,10 @@ def load(url: str, map_location: str | torch.device = "cpu") -> GQVAE:
     return load_bytes(data, name=str(url), map_location=map_location)
 
 
-def describe(url: str) -> dict:
+def describe(url: str) -> ModelIdentity:
     """A checkpoint's identity without building the model: sha256, codebook fingerprint, config."""
     with fsspec.open(str(url), "rb") as f:
         data = f.read()
     meta = read_metadata(data, str(url))
-    return {
-        "model_sha256": hashlib.sha256(data).hexdigest(),
-        "codebook_fingerprint": meta.get("codebook_fingerprint"),
-        "config": json.loads(meta["config"]),
-    }
+    config = _config(meta, str(url))
+    return ModelIdentity(hashlib.sha256(data).hexdigest(), meta.get("codebook_fingerprint"), config)

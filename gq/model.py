@@ -59,6 +59,15 @@ class ModelConfig:
         )
 
 
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a checkpoint is, without its weights: what token files and run records cite."""
+
+    model_sha256: str | None  # sha256 of the checkpoint file (None for a model never saved or loaded)
+    codebook_fingerprint: str  # sha256 of the float32 codebook bytes
+    config: ModelConfig
+
+
 @dataclass
 class VAEOutput:
     """What one training forward returns."""
@@ -109,6 +118,10 @@ class GQVAE(nn.Module):
     @property
     def codebook_fingerprint(self) -> str:
         return self.quantizer.fingerprint
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(self.checkpoint_sha256, self.codebook_fingerprint, self.config)
 
     @property
     def device(self) -> torch.device:

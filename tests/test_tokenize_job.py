@@ -145,7 +145,7 @@ def test_job_tokens_resume_refusal_overwrite(tmp_path, shards, small_checkpoint)
     )
     assert got.fetchone() == (total, total)
     run_record = json.loads((out / "_run.json").read_text())
-    assert run_record["model_sha256"] == gq.describe(small_checkpoint)["model_sha256"]
+    assert run_record["model_sha256"] == gq.describe(small_checkpoint).model_sha256
     bad = json.loads((out / "_manifest" / "train-000003.json").read_text())
     assert bad["skipped"] and all(s["reason"] for s in bad["skipped"])
 

@@ -28,6 +28,7 @@ from pipeline.data.shards import expand_shards, identity_mismatch, shard_identit
 from pipeline.tokenize.actor import ProgressCounter, tokenizer_actor
 from pipeline.tokenize.processor import TokenizeOptions
 from pipeline.tokens.records import (
+    Provenance,
     check_run,
     clear_outputs,
     committed_stems,
@@ -184,24 +185,17 @@ def plan(settings: JobSettings) -> tuple[list[str], dict]:
     clashes = [s for s, n in stems.items() if n > 1]
     if clashes:
         raise ValueError(f"shards with the same name would write the same token file: {clashes[:5]}")
-    ident = gq.describe(settings.checkpoint)
     opts = settings.options
-    f = 2 ** (len(ident["config"]["network"]["ch_mult"]) - 1)
+    model = gq.describe(settings.checkpoint)
+    f = model.config.network.downsample
     if opts.image_size % f:
         raise ValueError(f"--image-size must be a multiple of {f}, got {opts.image_size}")
-    run = {
-        "model_sha256": ident["model_sha256"],
-        "codebook_fingerprint": ident["codebook_fingerprint"],
-        "quantizer": ident["config"]["quantizer"],
-        "image_size": opts.image_size,
-        "preprocessing": opts.preprocessing(),
-        "model_config": ident["config"],
-        "checkpoint": settings.checkpoint,
+    provenance = Provenance(model, settings.checkpoint, opts.image_size, opts.preprocessing())
+    run = provenance.run_record() | {
         "input": settings.input,
         "shards": len(shards),
         "settings": {k: v for k, v in asdict(settings).items() if k not in ("options",)}
         | {"batch_size": opts.batch_size, "decode_threads": opts.decode_threads},
-        "gq_version": gq.__version__,
         "started_at": time.time(),
     }
     return shards, run

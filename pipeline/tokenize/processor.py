@@ -10,7 +10,6 @@ import hashlib
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -26,7 +25,7 @@ from pipeline.data.shards import shard_identity, shard_stem
 from pipeline.data.stages import batched, decoded, shard_samples
 from pipeline.io import write_atomic
 from pipeline.memory import peak_rss_mib
-from pipeline.tokens.records import token_url, write_manifest
+from pipeline.tokens.records import CommitRecord, Provenance, token_url, write_manifest
 from pipeline.tokens.writer import parquet_bytes, token_table
 
 ENCODER_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
@@ -136,42 +135,20 @@ class ShardTokenizer:
             if self.device.type != "cuda" or not gpu_decode.nvjpeg_available():
                 raise ValueError("jpeg_decoder='nvjpeg' needs a CUDA device and torchvision")
             self.jpeg_decoder = GpuJpegDecoder(self.options.image_size, self.device)
+        self.provenance = Provenance(
+            self.model.identity, checkpoint, self.options.image_size, self.options.preprocessing()
+        )
         f = self.model.downsample
         if self.options.image_size % f:
             raise ValueError(f"--image-size must be a multiple of {f}, got {self.options.image_size}")
 
     @property
-    def grid(self) -> tuple[int, int]:
-        side = self.options.image_size // self.model.downsample
-        return side, side
-
-    @property
     def tokens_per_image(self) -> int:
-        h, w = self.grid
-        return h * w * self.model.config.quantizer.groups
+        return self.provenance.tokens_per_image
 
     def file_metadata(self) -> dict:
         """The `gq` key-value metadata of every token file this processor writes."""
-        cfg = self.model.config
-        q = cfg.quantizer
-        h, w = self.grid
-        return {
-            "codebook": q.codebook.to_dict(),
-            "codebook_fingerprint": self.model.codebook_fingerprint,
-            "groups": q.groups,
-            "layout": q.layout,
-            "rule": q.rule,
-            "beta": q.beta,
-            "token_grid": [h, w],
-            "token_order": "raster: row, column, group",
-            "tokens_per_image": self.tokens_per_image,
-            "image_size": self.options.image_size,
-            "preprocessing": self.options.preprocessing(),
-            "model_sha256": self.model.checkpoint_sha256,
-            "model_config": cfg.to_dict(),
-            "checkpoint": self.checkpoint,
-            "gq_version": gq.__version__,
-        }
+        return self.provenance.file_metadata()
 
     @torch.inference_mode()
     def tokenize_images(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -259,37 +236,29 @@ class ShardTokenizer:
         identity = shard_identity(url)
         result = self.tokenize_shard(url, progress)
         t = time.perf_counter()
-        meta = self.file_metadata()
         size = self.model.config.quantizer.codebook.size
+        meta = self.provenance.file_metadata()
         table = token_table(
             result.keys, result.stem, result.indices, result.labels, result.tokens, size, meta
         )
         data = parquet_bytes(table)
         write_atomic(token_url(output, result.stem), data)
         result.seconds["write"] = time.perf_counter() - t
-        record = {
-            "shard": url,
-            "shard_identity": identity,
-            "stem": result.stem,
-            "token_file": token_url(output, result.stem),
-            "token_file_sha256": hashlib.sha256(data).hexdigest(),
-            "rows": len(result.keys),
-            "skipped": result.skipped,
-            "skipped_by_reason": _by_reason(result.skipped),
-            "notes": result.notes,
-            "notes_by_reason": _by_reason(result.notes),
-            "shard_events": result.shard_events,
-            "tar_truncated": result.truncated,
-            "seconds": {k: round(v, 4) for k, v in result.seconds.items()},
-            "model_sha256": meta["model_sha256"],
-            "codebook_fingerprint": meta["codebook_fingerprint"],
-            "gq_version": gq.__version__,
-            "worker": {"pid": os.getpid(), "device": str(self.device), "peak_rss_mib": peak_rss_mib()},
-            "committed_at": time.time(),
-        }
+        record = CommitRecord(
+            shard=url,
+            shard_identity=identity,
+            stem=result.stem,
+            token_file=token_url(output, result.stem),
+            token_file_sha256=hashlib.sha256(data).hexdigest(),
+            rows=len(result.keys),
+            skipped=result.skipped,
+            notes=result.notes,
+            shard_events=result.shard_events,
+            tar_truncated=result.truncated,
+            seconds=result.seconds,
+            worker={"pid": os.getpid(), "device": str(self.device), "peak_rss_mib": peak_rss_mib()},
+            committed_at=time.time(),
+            fingerprints=self.provenance.fingerprints(),
+        ).to_dict()
         write_manifest(output, result.stem, record)
         return record
-
-
-def _by_reason(items: list[dict]) -> dict[str, int]:
-    return dict(sorted(Counter(item["reason"] for item in items).items()))

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import posixpath
+from dataclasses import asdict, dataclass, field
 
 import fsspec
 
+import gq
 from pipeline.data.samples import DEFAULT_MAX_MEMBER_BYTES
 from pipeline.io import join, write_atomic
 
@@ -25,6 +27,92 @@ IDENTITY_FIELDS = ("model_sha256", "codebook_fingerprint", "quantizer", "image_s
 # implies. max_member_bytes: older runs read members of any size, which differs from the default only for
 # members over 64 MiB, so an older directory resumes under the default instead of being refused.
 ADDED_PREPROCESSING = {"max_member_bytes": DEFAULT_MAX_MEMBER_BYTES}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where tokens come from: the model, its codebook and the preprocessing. The one source of the run
+    record's identity, every token file's `gq` metadata and the fingerprints in each commit record."""
+
+    model: gq.ModelIdentity
+    checkpoint: str  # the path or URL the job was given
+    image_size: int
+    preprocessing: dict  # TokenizeOptions.preprocessing()
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.model.config.network.downsample
+        return side, side
+
+    @property
+    def tokens_per_image(self) -> int:
+        h, w = self.grid
+        return h * w * self.model.config.quantizer.groups
+
+    def fingerprints(self) -> dict:
+        """What every record cites: the model file and the codebook, and this code's version."""
+        m = self.model
+        return {"model_sha256": m.model_sha256, "codebook_fingerprint": m.codebook_fingerprint,
+                "gq_version": gq.__version__}  # fmt: skip
+
+    def run_record(self) -> dict:
+        """The run record's provenance (IDENTITY_FIELDS and what explains them); the driver adds the job."""
+        return self.fingerprints() | {
+            "quantizer": self.model.config.quantizer.to_dict(),
+            "image_size": self.image_size,
+            "preprocessing": self.preprocessing,
+            "model_config": self.model.config.to_dict(),
+            "checkpoint": self.checkpoint,
+        }
+
+    def file_metadata(self) -> dict:
+        """The `gq` key-value metadata of every token file (DESIGN.md's token-file contract)."""
+        q = self.model.config.quantizer
+        return {k: v for k, v in self.run_record().items() if k != "quantizer"} | {
+            "codebook": q.codebook.to_dict(),
+            "groups": q.groups,
+            "layout": q.layout,
+            "rule": q.rule,
+            "beta": q.beta,
+            "token_grid": list(self.grid),
+            "token_order": "raster: row, column, group",
+            "tokens_per_image": self.tokens_per_image,
+        }
+
+
+@dataclass
+class CommitRecord:
+    """`DIR/_manifest/<stem>.json`: a shard is committed when this exists (written after its token file)."""
+
+    shard: str  # the input URL
+    shard_identity: dict  # URL, size, ETag or mtime, as read before the shard (resume refuses another)
+    stem: str
+    token_file: str
+    token_file_sha256: str
+    rows: int
+    skipped: list[dict]  # samples that gave no row: key, index, reason, detail
+    notes: list[dict]  # rows kept with something odd about them
+    shard_events: list[dict]  # events of the whole shard (index -1), e.g. a cut archive
+    tar_truncated: bool
+    seconds: dict[str, float]
+    worker: dict  # pid, device, peak RSS
+    committed_at: float
+    fingerprints: dict = field(default_factory=dict)  # Provenance.fingerprints()
+
+    def to_dict(self) -> dict:
+        record = asdict(self)
+        fingerprints = record.pop("fingerprints")
+        record["skipped_by_reason"] = _by_reason(self.skipped)
+        record["notes_by_reason"] = _by_reason(self.notes)
+        record["seconds"] = {k: round(v, 4) for k, v in self.seconds.items()}
+        return record | fingerprints
+
+
+def _by_reason(items: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item["reason"]] = counts.get(item["reason"], 0) + 1
+    return dict(sorted(counts.items()))
 
 
 class RunMismatch(ValueError):
@@ -49,7 +137,8 @@ def committed_stems(output: str) -> set[str]:
     return {n[: -len(".json")] for n in names if n.endswith(".json") and not n.startswith(".")}
 
 
-def write_manifest(output: str, stem: str, record: dict) -> None:
+def write_manifest(output: str, stem: str, record: CommitRecord | dict) -> None:
+    record = record.to_dict() if isinstance(record, CommitRecord) else record
     write_atomic(manifest_url(output, stem), json.dumps(record, indent=1, sort_keys=True).encode())
 
 
