@@ -36,15 +36,10 @@ import torch
 import torch.distributed as dist
 
 import gq
-from gq.discriminator import PatchDiscriminator
 from gq.losses import (
     LossConfig,
-    adaptive_weight,
     gan_active,
-    generator_loss,
-    hinge_d_loss,
     load_perceptual,
-    reconstruction_loss,
 )
 from gq.tdc import MODES
 from pipeline import ROOT
@@ -61,12 +56,12 @@ from pipeline.train.checkpoint import (
     say,
 )
 from pipeline.train.data import DataPosition, TrainBatches
+from pipeline.train.step import SCALARS, build_trainee, train_step
 from pipeline.train.validation import format_val, load_val_images, validate
 
 EXPERIMENT = "ray_train"  # Ray Train's run name: its storage is DIR/ray_train
 MODEL_KEYS = ("preset", "bpp", "kl_mode")  # settings a restart may not change
 SKIP_REASONS = (*REASONS, SHARD_UNREADABLE, "other")
-ADAM_BETAS = (0.5, 0.9)  # latent diffusion's autoencoder (and taming's) Adam betas, both optimizers
 
 
 @dataclass(frozen=True)
@@ -306,13 +301,8 @@ def train_loop_per_worker(config: dict) -> None:
     out = Path(s.output)
     log = MetricsLog(out / "metrics.jsonl", rank == 0)
 
-    torch.manual_seed(s.seed)  # the same initial weights on every worker (DDP also broadcasts rank 0's)
-    model = gq.GQVAE(s.model_config()).to(device)
-    disc = PatchDiscriminator(s.loss.disc_channels, s.loss.disc_layers).to(device)
-    perceptual = load_perceptual(s.loss.perceptual_weights).to(device) if s.loss.perceptual_weights else None
-    ae_opt = torch.optim.Adam(model.parameters(), lr=s.lr, betas=ADAM_BETAS)
-    disc_opt = torch.optim.Adam(disc.parameters(), lr=s.loss.disc_lr or s.lr, betas=ADAM_BETAS)
-    noise = torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + rank)
+    t = build_trainee(s.model_config(), s.loss, s.lr, s.seed, device, rank)  # DDP also broadcasts rank 0's
+    model, disc, ae_opt, disc_opt, noise = t.model, t.disc, t.ae_opt, t.disc_opt, t.noise
 
     state = {"step": 0, "images": 0}
     position, skipped = DataPosition(), {}
@@ -347,14 +337,11 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report({"step": state["step"], "images_seen": state["images"], "done": 1})
         return
 
-    cuda = device.type == "cuda"
-    ddp_model, ddp_disc = model, disc
     if world > 1:
-        ids = [device] if cuda else None  # no buffer sync per forward: the codebook never changes
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=ids, forward_sync_buffers=False
-        )
-        ddp_disc = torch.nn.parallel.DistributedDataParallel(disc, device_ids=ids, forward_sync_buffers=False)
+        ids = [device] if device.type == "cuda" else None  # no buffer sync per forward: fixed codebook
+        ddp = torch.nn.parallel.DistributedDataParallel
+        t.model_step = ddp(model, device_ids=ids, forward_sync_buffers=False)
+        t.disc_step = ddp(disc, device_ids=ids, forward_sync_buffers=False)
     batches = TrainBatches(
         config["shards"],
         batch_size=s.batch_size,
@@ -367,7 +354,6 @@ def train_loop_per_worker(config: dict) -> None:
     )
     batches.skipped.update(skipped)
     val_images = load_val_images(config["val_shards"], s) if rank == 0 and config["val_shards"] else None
-    last_layer = model.decoder.conv_out.weight
     progress = Progress(rank == 0, state["step"], s.max_steps)
     window = Window()
     metrics: dict = {}
@@ -377,36 +363,12 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             start = time.perf_counter()
             images = next(batches).to(device, non_blocking=True)
-            out_ = ddp_model(images, generator=noise)
-            terms = reconstruction_loss(images, out_.recon, s.loss, perceptual)
-            loss = terms["rec"] + out_.kl_loss
-            gan = gan_active(step, s.loss)
-            g_loss = d_weight = d_loss = torch.zeros((), device=device)
-            if gan:
-                disc.requires_grad_(False)  # the generator's loss trains the decoder only
-                g_loss = generator_loss(disc(out_.recon))
-                d_weight = adaptive_weight(
-                    terms["rec"], g_loss, last_layer, s.loss.disc_weight, s.loss.adaptive_weight_max
-                )
-                loss = loss + d_weight * g_loss
-                disc.requires_grad_(True)
-            ae_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            ae_opt.step()
-            kl = model.tdc.update(out_.kl_stats)  # once per autoencoder step, statistics of all workers
-            if gan:
-                logits = ddp_disc(torch.cat([images, out_.recon.detach()]))
-                real, fake = logits.chunk(2)
-                d_loss = hinge_d_loss(real, fake)
-                disc_opt.zero_grad(set_to_none=True)
-                d_loss.backward()
-                disc_opt.step()
+            values, kl = train_step(t, images, step, s.loss)
             state["step"], state["images"] = step, state["images"] + s.batch_size * world
-            scalars = [loss, terms["rec"], terms["l1"], terms["l2"], out_.kl_loss, g_loss, d_weight, d_loss]
-            values = torch.stack([t.detach().double() for t in scalars]).cpu()  # waits for the device
             window.add(values, time.perf_counter() - start, s.batch_size * world)
 
             if step % s.log_every == 0 or step == s.max_steps:
+                gan = gan_active(step, s.loss)
                 metrics = window.reduce(step, state["images"], batches.position.epoch, gan)
                 metrics |= model.tdc.log_dict(kl) | gather_ranks(model, world)
                 metrics |= {"skipped": reduce_skips(batches.skipped, device, world)}
@@ -429,9 +391,6 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 # --- metrics -----------------------------------------------------------------------------------------------
-
-
-SCALARS = ("loss", "rec", "l1", "l2", "kl_loss", "g_loss", "d_weight", "d_loss")
 
 
 class Window:
