@@ -63,13 +63,18 @@ def decoded(
     return ordered_map(one, items, threads, window or 4 * max(threads, 1))
 
 
-def batched(items: Iterable[Decoded | Skip], n: int) -> Iterator[list[Decoded] | Skip]:
-    """Lists of `n` Decoded items (the last one shorter); Skips pass through as they come."""
+def is_row(item: object) -> bool:
+    return not isinstance(item, Skip)
+
+
+def batched(items: Iterable[T], n: int, row: Callable[[T], bool] = is_row) -> Iterator[list[T] | T]:
+    """Lists of `n` row items (the last one shorter); the others (Skips) pass through as they come.
+    `row` tells them apart for items that carry more than a Decoded or a Skip (e.g. (shard, item))."""
     if n < 1:
         raise ValueError(f"batch size must be >= 1, got {n}")
-    batch: list[Decoded] = []
+    batch: list[T] = []
     for item in items:
-        if isinstance(item, Skip):
+        if not row(item):
             yield item
             continue
         batch.append(item)

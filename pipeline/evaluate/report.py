@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from itertools import chain
 
 import fsspec
 import numpy as np
@@ -19,9 +20,9 @@ import torch
 
 import gq
 from gq.evaluation import Evaluator
-from pipeline.data.decode import DEFAULT_LIMITS, DecodeLimits, decode_sample
+from pipeline.data.decode import DEFAULT_LIMITS, Decoded, DecodeLimits, decode_sample
 from pipeline.data.samples import SHARD_UNREADABLE, Skip
-from pipeline.data.stages import batched, decoded, shard_samples
+from pipeline.data.stages import batched, decoded, is_row, shard_samples
 from pipeline.evaluate import plots
 from pipeline.io import join
 
@@ -68,20 +69,24 @@ def evaluate_shards(
     def full() -> bool:
         return limit is not None and ev.images >= limit
 
-    for url in progress(shards):
+    def shard_items(url: str) -> Iterator[tuple[str, Decoded | Skip]]:  # the shard, for the report
+        samples = shard_samples(url, max_member_bytes=settings.limits.max_member_bytes, on_error="skip")
+        for item in decoded(samples, decode, settings.decode_threads):
+            yield url, item
+
+    items = chain.from_iterable(shard_items(url) for url in progress(shards))
+    # batches run across shards, so that the model sees the same batches whatever the shard sizes
+    for out in batched(items, settings.batch_size, row=lambda pair: is_row(pair[1])):
         if full():
             break
-        samples = shard_samples(url, max_member_bytes=settings.limits.max_member_bytes, on_error="skip")
-        for item in batched(decoded(samples, decode, settings.decode_threads), settings.batch_size):
-            if isinstance(item, Skip):
-                run.skipped.append({"shard": url, **asdict(item)})
-                if item.reason == SHARD_UNREADABLE:  # the report says so and the job exits 1
-                    run.unreadable.append(url)
-                continue
-            images = [d.image for d in item][: None if limit is None else limit - ev.images]
-            ev.update(torch.from_numpy(np.stack(images)))
-            if full():
-                break
+        if isinstance(out, tuple):
+            url, skip = out
+            run.skipped.append({"shard": url, **asdict(skip)})
+            if skip.reason == SHARD_UNREADABLE:  # the report says so and the job exits 1
+                run.unreadable.append(url)
+            continue
+        images = [d.image for _, d in out][: None if limit is None else limit - ev.images]
+        ev.update(torch.from_numpy(np.stack(images)))
     run.seconds = time.perf_counter() - t0
     return run
 
