@@ -56,7 +56,7 @@ from pipeline.train.checkpoint import (
     say,
 )
 from pipeline.train.data import DataPosition, TrainBatches
-from pipeline.train.step import SCALARS, build_trainee, train_step
+from pipeline.train.step import SCALARS, Trainee, build_trainee, train_step
 from pipeline.train.validation import format_val, load_val_images, validate
 
 EXPERIMENT = "ray_train"  # Ray Train's run name: its storage is DIR/ray_train
@@ -287,6 +287,30 @@ def write_run_json(out: Path, settings: TrainSettings, commit: str | None) -> No
 # --- worker side -------------------------------------------------------------------------------------------
 
 
+def resume(
+    t: Trainee, resume_from: str | None, log: MetricsLog, rank: int, world: int
+) -> tuple[dict, DataPosition, dict]:
+    """Load Ray Train's checkpoint (else `resume_from`, the newest complete one on disk) into `t`; the
+    step counters, this worker's data position and skip counts (fresh ones when there is none)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    parts = (t.model, t.disc, t.ae_opt, t.disc_opt, t.noise, rank, world)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            state, position, skipped = restore(Path(path), *parts)
+        source = checkpoint.path
+    elif resume_from:
+        state, position, skipped = restore(Path(resume_from), *parts)
+        source = resume_from
+    else:
+        return {"step": 0, "images": 0}, DataPosition(), {}
+    first = next(iter(t.ae_opt.state.values()), {})
+    record = {"event": "resume", "step": state["step"], "from": str(source), "position": position.to_dict()}
+    log.write(record | tdc_values(t.model) | {"adam_step": float(first.get("step", 0))})
+    return state, position, skipped
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function (also callable in a bare process with world size 1)."""
     import ray.train
@@ -302,37 +326,13 @@ def train_loop_per_worker(config: dict) -> None:
     log = MetricsLog(out / "metrics.jsonl", rank == 0)
 
     t = build_trainee(s.model_config(), s.loss, s.lr, s.seed, device, rank)  # DDP also broadcasts rank 0's
-    model, disc, ae_opt, disc_opt, noise = t.model, t.disc, t.ae_opt, t.disc_opt, t.noise
 
-    state = {"step": 0, "images": 0}
-    position, skipped = DataPosition(), {}
-    checkpoint = ray.train.get_checkpoint()
-    resumed_from = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as path:
-            state, position, skipped = restore(Path(path), model, disc, ae_opt, disc_opt, noise, rank, world)
-        resumed_from = checkpoint.path
-    elif config.get("resume_from"):
-        path = config["resume_from"]
-        state, position, skipped = restore(Path(path), model, disc, ae_opt, disc_opt, noise, rank, world)
-        resumed_from = path
-    if resumed_from is not None:
-        first = next(iter(ae_opt.state.values()), {})
-        log.write(
-            {
-                "event": "resume",
-                "step": state["step"],
-                "from": str(resumed_from),
-                "position": position.to_dict(),
-            }
-            | tdc_values(model)
-            | {"adam_step": float(first.get("step", 0))}
-        )
+    state, position, skipped = resume(t, config.get("resume_from"), log, rank, world)
     prov = config["provenance"]
 
     if state["step"] >= s.max_steps:  # nothing left to train: re-export and finish
         if rank == 0:
-            export(model, out, state, prov, keep_step=False)
+            export(t.model, out, state, prov, keep_step=False)
             say(f"[gq-train] {out} is already trained to step {state['step']}; re-exported model.safetensors")
         ray.train.report({"step": state["step"], "images_seen": state["images"], "done": 1})
         return
@@ -340,8 +340,8 @@ def train_loop_per_worker(config: dict) -> None:
     if world > 1:
         ids = [device] if device.type == "cuda" else None  # no buffer sync per forward: fixed codebook
         ddp = torch.nn.parallel.DistributedDataParallel
-        t.model_step = ddp(model, device_ids=ids, forward_sync_buffers=False)
-        t.disc_step = ddp(disc, device_ids=ids, forward_sync_buffers=False)
+        t.model_step = ddp(t.model, device_ids=ids, forward_sync_buffers=False)
+        t.disc_step = ddp(t.disc, device_ids=ids, forward_sync_buffers=False)
     batches = TrainBatches(
         config["shards"],
         batch_size=s.batch_size,
@@ -354,6 +354,26 @@ def train_loop_per_worker(config: dict) -> None:
     )
     batches.skipped.update(skipped)
     val_images = load_val_images(config["val_shards"], s) if rank == 0 and config["val_shards"] else None
+    try:
+        run_steps(t, s, batches, state, log, val_images, prov, rank, world)
+    finally:
+        batches.close()
+
+
+def run_steps(
+    t: Trainee,
+    s: TrainSettings,
+    batches: TrainBatches,
+    state: dict,
+    log: MetricsLog,
+    val_images: torch.Tensor | None,
+    prov: dict,
+    rank: int,
+    world: int,
+) -> None:
+    """Train from `state["step"]` to `max_steps`: a step, then the metric lines, validation and export
+    (rank 0), and checkpoints on their schedules."""
+    out, device = Path(s.output), t.model.device
     progress = Progress(rank == 0, state["step"], s.max_steps)
     window = Window()
     metrics: dict = {}
@@ -366,27 +386,25 @@ def train_loop_per_worker(config: dict) -> None:
             values, kl = train_step(t, images, step, s.loss)
             state["step"], state["images"] = step, state["images"] + s.batch_size * world
             window.add(values, time.perf_counter() - start, s.batch_size * world)
-
-            if step % s.log_every == 0 or step == s.max_steps:
+            last = step == s.max_steps
+            if step % s.log_every == 0 or last:
                 gan = gan_active(step, s.loss)
                 metrics = window.reduce(step, state["images"], batches.position.epoch, gan)
-                metrics |= model.tdc.log_dict(kl) | gather_ranks(model, world)
+                metrics |= t.model.tdc.log_dict(kl) | gather_ranks(t.model, world)
                 metrics |= {"skipped": reduce_skips(batches.skipped, device, world)}
                 log.write(metrics)
                 progress.update(step, metrics)
                 window = Window()
-            if (step % s.val_every == 0 or step == s.max_steps) and rank == 0:
-                val = validate(model, val_images, s) if val_images is not None else {}
+            if (step % s.val_every == 0 or last) and rank == 0:
+                val = validate(t.model, val_images, s) if val_images is not None else {}
                 if val:
                     log.write({"event": "val", "step": step} | val)
                     progress.note(f"validation at step {step}: " + format_val(val))
-                export(model, out, state, prov | {"val": val}, keep_step=s.keep_step_exports)
-            if step % s.checkpoint_every == 0 or step == s.max_steps:
-                save_checkpoint(
-                    step, state, model, disc, ae_opt, disc_opt, noise, batches, rank, world, s, metrics
-                )
+                export(t.model, out, state, prov | {"val": val}, keep_step=s.keep_step_exports)
+            if step % s.checkpoint_every == 0 or last:
+                parts = (t.model, t.disc, t.ae_opt, t.disc_opt, t.noise, batches, rank, world, s, metrics)
+                save_checkpoint(step, state, *parts)
     finally:
-        batches.close()
         progress.close()
 
 
