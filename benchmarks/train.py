@@ -32,7 +32,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.shard_writer import write_shard  # noqa: E402
-from pipeline.train.loop import TrainSettings, run_training  # noqa: E402
+from pipeline.train.config import TrainSettings  # noqa: E402
+from pipeline.train.loop import run_training  # noqa: E402
 
 
 def synthetic_jpeg(seed: int, height: int = 96, width: int = 128) -> bytes:

@@ -12,8 +12,7 @@ from gq.official import from_official, save_official, to_official_config, to_off
 from gq.presets import OPERATING_POINTS, PRESETS, model_config
 from gq.quantizer import LOGVAR_RANGE, GaussianQuantizer, QuantizerConfig, dequantize, quantize
 from gq.tdc import KLStats, TargetDivergenceConstraint, TDCConfig, kl_bits
-
-__version__ = "0.1.0"
+from gq.version import __version__  # noqa: F401 (gq.__version__)
 
 __all__ = [
     "GQVAE",

@@ -18,6 +18,7 @@ from safetensors.torch import save as st_save
 
 from gq.model import GQVAE, ModelConfig, ModelIdentity
 from gq.storage import write_atomic
+from gq.version import __version__
 
 FORMAT = "gq-tokenizer/gqvae"
 
@@ -28,8 +29,6 @@ class CheckpointError(ValueError):
 
 def checkpoint_bytes(model: GQVAE, provenance: dict | None = None) -> bytes:
     """The checkpoint file's bytes (safetensors with our metadata)."""
-    from gq import __version__
-
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tdc = model.tdc
     meta = {

@@ -30,6 +30,7 @@ from gq.quantizer import LOGVAR_RANGE, QuantizerConfig
 from gq.storage import write_atomic
 from gq.tdc import TDCConfig
 from gq.unpickler import load_checkpoint
+from gq.version import __version__
 
 CONVERTER_VERSION = 1  # bumped when the translation of a config or of a tensor name changes
 ENGINE = "pit.models.autoencoder.AutoencodingEngine"
@@ -363,8 +364,6 @@ def from_official(checkpoint: str, config: str | dict) -> GQVAE:
     `model.provenance["official"]` records the source file's sha256, the resolved official config, the
     converter version, the ignored tensors (`loss.*`) and other entries, and any pickle globals skipped.
     """
-    from gq import __version__
-
     resolved = read_config(config)
     model = GQVAE(model_config_from_official(resolved))
     state, source = read_official_checkpoint(checkpoint)

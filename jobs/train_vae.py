@@ -24,7 +24,8 @@ import traceback
 import gq
 from gq.losses import LossConfig
 from pipeline.data.shards import expand_shards
-from pipeline.train.loop import TrainSettings, export_finished, run_training
+from pipeline.train.config import TrainSettings
+from pipeline.train.loop import export_finished, run_training
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainSettings]:

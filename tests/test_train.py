@@ -30,8 +30,9 @@ from pipeline.train.checkpoint import (
     latest_complete_checkpoint,
     prepare_resume,
 )
+from pipeline.train.config import TrainSettings
 from pipeline.train.data import DataPosition, TrainBatches, worker_shards
-from pipeline.train.loop import EXPERIMENT, TrainSettings
+from pipeline.train.loop import EXPERIMENT
 from pipeline.train.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from pipeline.data.decode import Decoded, decode_sample
 from pipeline.data.stages import decoded, shard_samples
 
 if TYPE_CHECKING:
-    from pipeline.train.loop import TrainSettings
+    from pipeline.train.config import TrainSettings
 
 
 def load_val_images(val_shards: list[str], s: TrainSettings) -> torch.Tensor | None:
