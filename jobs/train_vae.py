@@ -23,101 +23,28 @@ import traceback
 
 import gq
 from gq.losses import LossConfig
+from gq.tdc import MODES
+from pipeline.cli import add_dataclass_arguments, dataclass_from_args
 from pipeline.data.shards import expand_shards
 from pipeline.train.config import TrainSettings
 from pipeline.train.loop import export_finished, run_training
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainSettings]:
+    """Every TrainSettings and LossConfig field as an option, its help the field's documentation."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = TrainSettings(preset="small-f8c16", data="", output="")  # defaults, for the help texts
-    # model
-    p.add_argument("--preset", required=True, choices=sorted(gq.PRESETS), help="network preset")
-    p.add_argument(
-        "--bpp", type=float, default=d.bpp, choices=sorted(gq.OPERATING_POINTS), help="operating point"
+    add_dataclass_arguments(
+        p,
+        TrainSettings,
+        skip=("loss",),
+        preset={"choices": sorted(gq.PRESETS)},
+        bpp={"choices": sorted(gq.OPERATING_POINTS)},
+        kl_mode={"choices": MODES},
     )
-    p.add_argument(
-        "--kl-mode", choices=["tdc", "kl"], default=d.kl_mode, help="tdc, or kl (plain VAE ablation)"
-    )
-    p.add_argument("--kl-weight", type=float, default=d.kl_weight, help="weight of the KL / TDC term")
-    # data and output
-    p.add_argument(
-        "--data", required=True, help="training SHARDS: brace pattern, glob, directory or .txt list"
-    )
-    p.add_argument("--val-data", default=None, help="validation SHARDS (PSNR, codebook usage, KL spread)")
-    p.add_argument("--output", required=True, help="DIR for metrics.jsonl, checkpoints and model.safetensors")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="training crop size (multiple of 8)")
-    # scale
-    p.add_argument("--workers", type=int, default=d.workers, help="data-parallel Ray Train workers")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); default CPU (gloo)")
-    p.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker, help="CPUs (threads) per worker")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per worker per step")
-    # optimisation
-    p.add_argument("--max-steps", type=int, default=d.max_steps, help="total autoencoder steps")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate of the autoencoder")
-    p.add_argument("--l1-weight", type=float, default=d.loss.l1_weight, help="weight of the L1 loss")
-    p.add_argument("--l2-weight", type=float, default=d.loss.l2_weight, help="weight of the L2 loss")
-    p.add_argument(
-        "--perceptual-weights",
-        default=None,
-        help="local LPIPS-VGG .safetensors or TorchScript file; absent: no perceptual loss (none downloaded)",
-    )
-    p.add_argument("--perceptual-weight", type=float, default=d.loss.perceptual_weight, help="its weight")
-    p.add_argument("--disc-start", type=int, default=d.loss.disc_start, help="first step with the GAN loss")
-    p.add_argument("--disc-weight", type=float, default=d.loss.disc_weight, help="adaptive GAN weight scale")
-    p.add_argument("--disc-lr", type=float, default=None, help="discriminator learning rate (default: --lr)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of init, data order, crops and noise")
-    # bookkeeping
-    p.add_argument(
-        "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints"
-    )
-    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept")
-    p.add_argument(
-        "--max-failures",
-        type=int,
-        default=d.max_failures,
-        help="worker failures recovered in-run (Ray Train)",
-    )
-    p.add_argument("--val-every", type=int, default=d.val_every, help="steps between validations/exports")
-    p.add_argument("--val-images", type=int, default=d.val_images, help="validation images used")
-    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between metric lines")
-    p.add_argument("--decode-threads", type=int, default=d.decode_threads, help="decoding threads per worker")
+    add_dataclass_arguments(p.add_argument_group("losses"), LossConfig)
     args = p.parse_args(argv)
     try:
-        loss = LossConfig(
-            l1_weight=args.l1_weight,
-            l2_weight=args.l2_weight,
-            perceptual_weights=args.perceptual_weights,
-            perceptual_weight=args.perceptual_weight,
-            disc_start=args.disc_start,
-            disc_weight=args.disc_weight,
-            disc_lr=args.disc_lr,
-        )
-        settings = TrainSettings(
-            preset=args.preset,
-            data=args.data,
-            output=args.output,
-            val_data=args.val_data,
-            bpp=args.bpp,
-            workers=args.workers,
-            gpu=args.gpu,
-            cpus_per_worker=args.cpus_per_worker,
-            max_steps=args.max_steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            image_size=args.image_size,
-            kl_mode=args.kl_mode,
-            kl_weight=args.kl_weight,
-            loss=loss,
-            checkpoint_every=args.checkpoint_every,
-            keep_checkpoints=args.keep_checkpoints,
-            max_failures=args.max_failures,
-            val_every=args.val_every,
-            val_images=args.val_images,
-            log_every=args.log_every,
-            decode_threads=args.decode_threads,
-            seed=args.seed,
-        )
+        settings = dataclass_from_args(TrainSettings, args, loss=dataclass_from_args(LossConfig, args))
     except ValueError as e:
         p.error(str(e))
     if args.perceptual_weights and not os.path.isfile(args.perceptual_weights):
