@@ -1,0 +1,90 @@
+// The vectorised half of the CPU search kernel (kernels/nearest_cpu.cpp includes it once per ISA, inside
+// that ISA's namespace and `#pragma GCC target`, after defining the vector traits `V`, the microkernel's
+// query rows R and code vectors C). No headers here: everything below is compiled for that ISA only.
+//
+// Lanes run over codes: a packed tile holds feature e of W consecutive codes in one vector, so a score
+// vector is W codes against one query, built by M fused multiply-adds from the query's features
+// (broadcast from memory) and the tile. R queries x C code vectors are in flight per step (R*C
+// independent FMA chains). Each query keeps, per lane, only the running maximum over the tile (one max
+// per score vector); at the tile's end that joins the query's per-lane best, second best and the tile of
+// the best. Scores are never written to memory. The lane that wins, in the tile where it won, is
+// re-scored at the end (TK / W codes) in the same arithmetic, which gives the winning index and the
+// second best inside that lane and tile; every other code is bounded by a lane or tile maximum.
+
+// Score the packed tile (m x cap features, cap biases) against R query rows and fold each row's per-lane
+// tile maximum into its running state (best, second, tile of the best).
+template <int R, int C>
+static inline void score_tile_rows(const float* a, const float* bias, int cap, int m, const float* const* qrows,
+                                   float* st_best, float* st_second, int32_t* st_tile, int tile) {
+    typename V::reg top[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) top[r] = V::set1(-INFINITY);
+    for (int v = 0; v < cap; v += V::W * C) {
+        typename V::reg acc[R][C];
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) {
+            const typename V::reg b = V::load(bias + v + c * V::W);
+#pragma GCC unroll 16
+            for (int r = 0; r < R; ++r) acc[r][c] = b;
+        }
+        const float* av = a + v;
+        for (int e = 0; e < m; ++e, av += cap) {
+            typename V::reg x[C];
+#pragma GCC unroll 16
+            for (int c = 0; c < C; ++c) x[c] = V::load(av + c * V::W);
+#pragma GCC unroll 16
+            for (int r = 0; r < R; ++r) {
+                const typename V::reg qb = V::set1(qrows[r][e]);
+#pragma GCC unroll 16
+                for (int c = 0; c < C; ++c) acc[r][c] = V::fma(qb, x[c], acc[r][c]);
+            }
+        }
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 16
+            for (int c = 0; c < C; ++c) top[r] = V::max(top[r], acc[r][c]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+        V::merge(st_best + r * V::W, st_second + r * V::W, st_tile + r * V::W, top[r], tile);
+    }
+}
+
+// Scores of one query against `cap` packed codes (cap a multiple of W), in the arithmetic of
+// score_tile_rows lane for lane: the same bias start and the same FMA order, so the same bits.
+static inline void score_codes(const float* a, const float* bias, int cap, int m, const float* q, float* out) {
+    for (int j = 0; j < cap; j += V::W) {
+        typename V::reg acc = V::load(bias + j);
+        for (int e = 0; e < m; ++e) acc = V::fma(V::set1(q[e]), V::load(a + e * cap + j), acc);
+        V::store(out + j, acc);
+    }
+}
+
+static void run_rows(const Problem& p, int64_t i0, int64_t i1, int tk, Workspace& w) {
+    const int m = p.m;
+    const int64_t rows = i1 - i0;
+    const int64_t padded = (rows + R - 1) / R * R;
+    for (int64_t i = 0; i < padded * V::W; ++i) {
+        w.best[i] = -INFINITY;
+        w.second[i] = -INFINITY;
+        w.tile[i] = 0;
+    }
+    for (int64_t k0 = 0, t = 0; k0 < p.k; k0 += tk, ++t) {
+        const int count = static_cast<int>(std::min<int64_t>(tk, p.k - k0));
+        const int cap = (count + V::W * C - 1) / (V::W * C) * (V::W * C);
+        pack_codes(p, k0, 1, count, cap, w.a, w.bias);
+        for (int64_t rb = 0; rb < padded; rb += R) {
+            const float* qrows[R];
+            for (int r = 0; r < R; ++r) qrows[r] = p.q + std::min(i0 + rb + r, i1 - 1) * m;
+            const int64_t o = rb * V::W;
+            score_tile_rows<R, C>(w.a, w.bias, cap, m, qrows, w.best + o, w.second + o, w.tile + o,
+                                  static_cast<int>(t));
+        }
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+        const int64_t o = i * V::W;
+        const Lanes lanes{w.best + o, w.second + o, w.tile + o, V::W};
+        finish_row(p, i0 + i, lanes, tk, w, score_codes);
+    }
+}
