@@ -22,6 +22,8 @@ import argparse  # noqa: E402
 
 from pipeline.decode import add_limit_arguments, limits_from_args  # noqa: E402
 from pipeline.driver import ON_EXISTING, JobSettings, plan, prepare_output, run_job  # noqa: E402
+from pipeline.precision import CHOICES as PRECISIONS  # noqa: E402
+from pipeline.precision import resolve_encoder_precision  # noqa: E402
 from pipeline.tokenizer import JPEG_DECODERS, TokenizeOptions  # noqa: E402
 
 
@@ -55,9 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--encoder-precision",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="bfloat16: encoder under autocast (tensor cores; ~1.5x on an AVX-512 CPU), search stays float32",
+        choices=list(PRECISIONS),
+        default="auto",
+        help="auto: bfloat16 on CPU actors whose CPU has native bf16 (AVX512-BF16 or AMX; ~1.5x there), "
+        "float32 elsewhere; bfloat16: encoder under autocast (GPU tensor cores; emulated, several times "
+        "slower, on CPUs without native bf16); the search stays float32. _run.json keeps the resolved one",
     )
     p.add_argument(
         "--jpeg-decoder",
@@ -83,12 +87,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # resolved here, on the driver's CPU, so the run record pins a concrete precision
+    precision, warning = resolve_encoder_precision(args.encoder_precision, gpu=args.gpus_per_actor > 0)
+    if warning:
+        print(f"tokenize: warning: {warning}", file=sys.stderr, flush=True)
     options = TokenizeOptions(
         image_size=args.image_size,
         limits=limits_from_args(args),
         batch_size=args.batch_size,
         decode_threads=args.decode_threads,
-        encoder_precision=args.encoder_precision,
+        encoder_precision=precision,
         jpeg_decoder=args.jpeg_decoder,
     )
     settings = JobSettings(
