@@ -29,7 +29,7 @@ SOURCES = (Path(__file__).with_name("nearest_cpu.cpp"), Path(__file__).with_name
 ENV = "GQ_CPU_KERNEL"
 CHOICES = ("auto", "avx512", "avx2", "off")
 TILE_BYTES = 64 * 2**10  # packed code features per tile: L2-resident, streamed by every row block
-TASK_ROWS = 1024  # query rows per task: their running state (12 bytes x lanes each) stays in L2
+CHUNK_ROWS = 16384  # rows searched at once: each thread holds 12 bytes x lanes of state per row
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 
 
@@ -106,12 +106,14 @@ def kernel_scores(
     *,
     isa: str,
     threads: int | None = None,
+    tile_bytes: int = TILE_BYTES,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> tuple[torch.Tensor, ...]:
     """(best, second float32, idx int64, err float64, q float32): the kernel's uncertified answer."""
     codes32 = codes.float().contiguous()
     q, err = query_inputs(mu, logvar, codes32, rule, beta, core_features(mu.shape[1], rule))
     module = _build()
     best, second, idx = module.search(
-        q, codes32, rule == "posterior", threads or torch.get_num_threads(), isa, TILE_BYTES, TASK_ROWS
+        q, codes32, rule == "posterior", threads or torch.get_num_threads(), isa, tile_bytes, chunk_rows
     )
     return best, second, idx, err, q

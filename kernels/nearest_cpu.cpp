@@ -9,8 +9,8 @@
 // of the winning lane reproduces the hot loop's bits. Padding codes get bias -inf and never win.
 //
 // The vectorised part (kernels/nearest_cpu_simd.h) is compiled twice, for AVX2+FMA and for AVX-512F,
-// by `#pragma GCC target`; the ISA is chosen at run time (or forced by the caller). Work is split into
-// tasks of consecutive query rows, taken by `threads` threads from a shared counter.
+// by `#pragma GCC target`; the ISA is chosen at run time (or forced by the caller). `threads` threads
+// share the codebook's tiles through a counter (search_chunk), then split the rows to finish them.
 
 #include <torch/extension.h>
 
@@ -44,45 +44,43 @@ struct Problem {
     int64_t* idx;
 };
 
-// Per-thread scratch: one packed tile, the running per-lane state of a task's rows, and the buffers of
-// the final re-scoring.
-struct Workspace {
+// 64-byte aligned float buffers carved out of one allocation.
+struct Buffers {
     std::vector<float> storage;
-    std::vector<int32_t> tiles;
-    float* a = nullptr;
-    float* bias = nullptr;
-    float* best = nullptr;
-    float* second = nullptr;
-    int32_t* tile = nullptr;
-    float* lane_a = nullptr;
-    float* lane_bias = nullptr;
-    float* lane_scores = nullptr;
 
-    void reserve(int m, int tk, int64_t rows, int lanes) {
-        const int64_t lane_cap = tk / lanes + lanes;
-        const int64_t sizes[] = {int64_t(m) * tk, tk, rows * lanes, rows * lanes, m * lane_cap, lane_cap,
-                                 lane_cap};
-        float** slots[] = {&a, &bias, &best, &second, &lane_a, &lane_bias, &lane_scores};
+    std::vector<float*> carve(std::initializer_list<int64_t> sizes) {
         int64_t total = 16;
-        for (int64_t s : sizes) total += (s + 15) / 16 * 16;  // every buffer 64-byte aligned
+        for (int64_t s : sizes) total += (s + 15) / 16 * 16;
         storage.assign(total, 0.f);
-        tiles.assign(rows * lanes, 0);
         float* base = storage.data();
         base += (16 - (reinterpret_cast<uintptr_t>(base) / 4) % 16) % 16;
-        for (int i = 0; i < 7; ++i) {
-            *slots[i] = base;
-            base += (sizes[i] + 15) / 16 * 16;
+        std::vector<float*> out;
+        for (int64_t s : sizes) {
+            out.push_back(base);
+            base += (s + 15) / 16 * 16;
         }
-        tile = tiles.data();
+        return out;
     }
 };
 
-// One query's per-lane state: lane l's best score over the codes it saw, its second best, the tile of its best.
-struct Lanes {
-    const float* best;
-    const float* second;
-    const int32_t* tile;
-    int count;
+// One worker's scratch: a packed tile, the per-lane state of the chunk's rows (best, second, tile of
+// the best; rows x lanes each) and the buffers of the final re-scoring of one lane.
+struct Workspace {
+    Buffers buffers;
+    std::vector<int32_t> tiles;
+    float *a, *bias, *best, *second, *lane_a, *lane_bias, *lane_scores;
+    int32_t* tile;
+
+    void reserve(int m, int tk, int64_t rows, int lanes) {
+        const int64_t lane_cap = tk / lanes + lanes;
+        const auto b = buffers.carve({int64_t(m) * tk, tk, rows * lanes, rows * lanes, m * lane_cap, lane_cap,
+                                      lane_cap});
+        a = b[0], bias = b[1], best = b[2], second = b[3], lane_a = b[4], lane_bias = b[5], lane_scores = b[6];
+        tiles.assign(rows * lanes, 0);
+        tile = tiles.data();
+        std::fill(best, best + rows * lanes, -INFINITY);
+        std::fill(second, second + rows * lanes, -INFINITY);
+    }
 };
 
 // Features of codes k0 + j * stride (j < count) into a (m x cap, feature-major) and bias (cap); codes
@@ -113,34 +111,63 @@ static void pack_codes(const Problem& p, int64_t k0, int64_t stride, int count, 
     }
 }
 
+// Queries [c0, c1) into microkernel blocks of R rows, feature-major inside a block (q[e][r]), so the
+// hot loop broadcasts from one pointer; the last block repeats the last row.
+static void pack_queries(const Problem& p, int64_t c0, int64_t c1, int rows_per_block, float* out) {
+    const int64_t padded = (c1 - c0 + rows_per_block - 1) / rows_per_block * rows_per_block;
+    for (int64_t i = 0; i < padded; ++i) {
+        const float* q = p.q + std::min(c0 + i, c1 - 1) * p.m;
+        float* block = out + (i / rows_per_block) * p.m * rows_per_block + i % rows_per_block;
+        for (int e = 0; e < p.m; ++e) block[e * rows_per_block] = q[e];
+    }
+}
+
+// Fold worker `from`'s per-lane state of one row into `into`'s. Exact operations only (max, min), and
+// equal bests keep the lower tile, so the result does not depend on which worker scored which tile.
+static void merge_lanes(const Workspace& from, Workspace& into, int64_t o, int lanes) {
+    for (int64_t l = o; l < o + lanes; ++l) {
+        const float b = from.best[l];
+        if (b > into.best[l]) {
+            into.second[l] = std::max({into.second[l], into.best[l], from.second[l]});
+            into.best[l] = b;
+            into.tile[l] = from.tile[l];
+        } else {
+            into.second[l] = std::max(into.second[l], b);  // b >= s: the worker's best is a runner-up
+            if (b == into.best[l]) into.tile[l] = std::min(into.tile[l], from.tile[l]);
+        }
+    }
+}
+
 using ScoreCodes = void (*)(const float* a, const float* bias, int cap, int m, const float* q, float* out);
 
-// From a query's per-lane state to its best, second best and index. The winning lane is re-scored in
-// the tile where it won (same bits as the hot loop): that gives the index and the second best inside
-// that lane and tile. A row whose best is not unique, or whose re-score disagrees, gets second = best,
-// which the caller reads as "not certified".
-static void finish_row(const Problem& p, int64_t row, const Lanes& lanes, int tk, Workspace& w,
-                       ScoreCodes score_codes) {
+// From a row's per-lane state (best, second, tile: `lanes` each) to its best, second best and index. The winning lane is
+// re-scored in the tile where it won (same bits as the hot loop): that gives the index and the second
+// best inside that lane and tile; every other code is bounded by another lane's best or the lane's
+// second. A row whose best is not unique, or whose re-score disagrees, gets second = best, which the
+// caller reads as "not certified".
+static void finish_row(const Problem& p, int64_t row, const float* best, const float* second,
+                       const int32_t* tiles, int lanes, int tk, Workspace& w, ScoreCodes score_codes) {
     float b1 = -INFINITY;
     int winner = 0, ties = 0;
-    for (int l = 0; l < lanes.count; ++l) {
-        if (lanes.best[l] > b1) {
-            b1 = lanes.best[l];
+    for (int l = 0; l < lanes; ++l) {
+        if (best[l] > b1) {
+            b1 = best[l];
             winner = l;
             ties = 1;
-        } else if (lanes.best[l] == b1) {
+        } else if (best[l] == b1) {
             ++ties;
         }
     }
-    float b2 = lanes.second[winner];
-    for (int l = 0; l < lanes.count; ++l) {
-        if (l != winner) b2 = std::max(b2, lanes.best[l]);
+    float b2 = second[winner];
+    for (int l = 0; l < lanes; ++l) {
+        if (l != winner) b2 = std::max(b2, best[l]);
     }
-    const int64_t start = int64_t(lanes.tile[winner]) * tk + winner;
-    const int64_t end = std::min<int64_t>(p.k, int64_t(lanes.tile[winner] + 1) * tk);
-    const int count = start < end ? static_cast<int>((end - start + lanes.count - 1) / lanes.count) : 0;
-    const int cap = std::max(lanes.count, (count + lanes.count - 1) / lanes.count * lanes.count);
-    pack_codes(p, start, lanes.count, count, cap, w.lane_a, w.lane_bias);
+    const int32_t tile = tiles[winner];
+    const int64_t start = int64_t(tile) * tk + winner;
+    const int64_t end = std::min<int64_t>(p.k, int64_t(tile + 1) * tk);
+    const int count = start < end ? static_cast<int>((end - start + lanes - 1) / lanes) : 0;
+    const int cap = std::max(lanes, (count + lanes - 1) / lanes * lanes);
+    pack_codes(p, start, lanes, count, cap, w.lane_a, w.lane_bias);
     score_codes(w.lane_a, w.lane_bias, cap, p.m, p.q + row * p.m, w.lane_scores);
     float top = -INFINITY, inside = -INFINITY;
     int at = 0;
@@ -155,7 +182,7 @@ static void finish_row(const Problem& p, int64_t row, const Lanes& lanes, int tk
         }
     }
     p.best[row] = b1;
-    p.idx[row] = start + int64_t(at) * lanes.count;
+    p.idx[row] = start + int64_t(at) * lanes;
     p.second[row] = (ties > 1 || count == 0 || top != b1) ? b1 : std::max(b2, inside);
 }
 
@@ -219,16 +246,19 @@ constexpr int R = 8, C = 2;  // 16 accumulators + 8 maxima + 2 code vectors + 1 
 struct Isa {
     const char* name;
     int lanes, rows;
-    void (*run_rows)(const Problem&, int64_t, int64_t, int, Workspace&);
+    void (*scan_tiles)(const Problem&, const float*, int64_t, int, std::atomic<int64_t>&, Workspace&);
+    ScoreCodes score_codes;
 };
 
 static std::vector<Isa> supported() {
     std::vector<Isa> out;
 #ifdef GQ_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) out.push_back({"avx512", avx512::V::W, avx512::R, avx512::run_rows});
+    if (__builtin_cpu_supports("avx512f")) {
+        out.push_back({"avx512", avx512::V::W, avx512::R, avx512::scan_tiles, avx512::score_codes});
+    }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        out.push_back({"avx2", avx2::V::W, avx2::R, avx2::run_rows});
+        out.push_back({"avx2", avx2::V::W, avx2::R, avx2::scan_tiles, avx2::score_codes});
     }
 #endif
     return out;
@@ -247,9 +277,57 @@ static int tile_codes(int64_t tile_bytes, int m, const Isa& isa) {
     return static_cast<int>(std::min<int64_t>(codes, 1 << 20));
 }
 
+// f(worker) on `workers` threads (the caller is worker 0); the first exception is rethrown after all end.
+template <class F>
+static void parallel(int64_t workers, const F& f) {
+    std::exception_ptr error;
+    std::mutex lock;
+    auto guarded = [&](int64_t i) {
+        try {
+            f(i);
+        } catch (...) {
+            std::lock_guard<std::mutex> hold(lock);
+            if (!error) error = std::current_exception();
+        }
+    };
+    std::vector<std::thread> pool;
+    for (int64_t i = 1; i < workers; ++i) pool.emplace_back(guarded, i);
+    guarded(0);
+    for (std::thread& t : pool) t.join();
+    if (error) std::rethrow_exception(error);
+}
+
+// Rows [c0, c1): the workers share the codebook's tiles (each packs the tiles it takes from a counter
+// and scores every row against them, so no tile is packed twice and a busy core simply takes fewer);
+// then the rows are split between them to merge the workers' lane states and finish.
+static void search_chunk(const Problem& p, const Isa& isa, int64_t c0, int64_t c1, int tk, int64_t threads,
+                         std::vector<Workspace>& ws, std::vector<float>& qpack) {
+    const int64_t rows = c1 - c0;
+    const int64_t padded = (rows + isa.rows - 1) / isa.rows * isa.rows;
+    const int64_t tiles = (p.k + tk - 1) / tk;
+    pack_queries(p, c0, c1, isa.rows, qpack.data());
+    std::atomic<int64_t> next{0};
+    const int64_t scanners = std::min<int64_t>(threads, tiles);
+    parallel(scanners, [&](int64_t w) {
+        ws[w].reserve(p.m, tk, padded, isa.lanes);
+        isa.scan_tiles(p, qpack.data(), padded, tk, next, ws[w]);
+    });
+    const int64_t finishers = std::min<int64_t>(threads, rows);
+    parallel(finishers, [&](int64_t f) {
+        if (f >= scanners) ws[f].reserve(p.m, tk, 0, isa.lanes);  // its re-scoring buffers
+        Workspace& merged = ws[0];  // each finisher writes only its own rows of it
+        for (int64_t i = rows * f / finishers; i < rows * (f + 1) / finishers; ++i) {
+            const int64_t o = i * isa.lanes;
+            for (int64_t w = 1; w < scanners; ++w) merge_lanes(ws[w], merged, o, isa.lanes);
+            finish_row(p, c0 + i, merged.best + o, merged.second + o, merged.tile + o, isa.lanes, tk, ws[f],
+                       isa.score_codes);
+        }
+    });
+}
+
 std::vector<torch::Tensor> search(const torch::Tensor& q, const torch::Tensor& codes, bool posterior,
                                   int64_t threads, const std::string& isa_name, int64_t tile_bytes,
-                                  int64_t task_rows) {
+                                  int64_t chunk_rows) {
     TORCH_CHECK(q.device().is_cpu() && codes.device().is_cpu(), "CPU tensors only");
     TORCH_CHECK(q.scalar_type() == torch::kFloat32 && codes.scalar_type() == torch::kFloat32, "float32 only");
     TORCH_CHECK(q.dim() == 2 && codes.dim() == 2 && q.is_contiguous() && codes.is_contiguous(),
@@ -257,8 +335,8 @@ std::vector<torch::Tensor> search(const torch::Tensor& q, const torch::Tensor& c
     const int64_t n = q.size(0), k = codes.size(0), d = codes.size(1);
     TORCH_CHECK(q.size(1) == (posterior ? 2 * d : d), "q has ", q.size(1), " features for d = ", d);
     TORCH_CHECK(k > 0 && k < (int64_t(1) << 31) && d > 0, "need 0 < K < 2^31 codes and d > 0");
-    const Isa* isa = nullptr;
     const std::vector<Isa> isas = supported();
+    const Isa* isa = nullptr;
     for (const Isa& s : isas) {
         if (isa_name == s.name) isa = &s;
     }
@@ -270,34 +348,14 @@ std::vector<torch::Tensor> search(const torch::Tensor& q, const torch::Tensor& c
                     static_cast<int>(d), posterior, best.data_ptr<float>(), second.data_ptr<float>(),
                     idx.data_ptr<int64_t>()};
     const int tk = tile_codes(tile_bytes, p.m, *isa);
-    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, (n + isa->rows - 1) / isa->rows));
-    // rows per task: an even share per thread, capped so that a task's state stays in cache
-    int64_t rows = std::min<int64_t>(task_rows, (n + workers - 1) / workers);
-    rows = std::max<int64_t>(isa->rows, (rows + isa->rows - 1) / isa->rows * isa->rows);
-    const int64_t tasks = (n + rows - 1) / rows;
-    std::atomic<int64_t> next{0};
-    std::exception_ptr error;
-    std::mutex error_lock;
-    auto work = [&]() {
-        try {
-            Workspace w;
-            w.reserve(p.m, tk, rows, isa->lanes);
-            for (int64_t t = next++; t < tasks; t = next++) {
-                isa->run_rows(p, t * rows, std::min(n, (t + 1) * rows), tk, w);
-            }
-        } catch (...) {
-            std::lock_guard<std::mutex> guard(error_lock);
-            error = std::current_exception();
-        }
-    };
+    threads = std::max<int64_t>(1, threads);
+    const int64_t chunk = std::max<int64_t>(isa->rows, chunk_rows / isa->rows * isa->rows);
     {
         pybind11::gil_scoped_release no_gil;
-        std::vector<std::thread> pool;
-        for (int64_t i = 1; i < std::min(workers, tasks); ++i) pool.emplace_back(work);
-        work();
-        for (std::thread& t : pool) t.join();
+        std::vector<Workspace> ws(threads);
+        std::vector<float> qpack((std::min(chunk, n) + isa->rows) * p.m);
+        for (int64_t c0 = 0; c0 < n; c0 += chunk) search_chunk(p, *isa, c0, std::min(n, c0 + chunk), tk, threads, ws, qpack);
     }
-    if (error) std::rethrow_exception(error);
     return {best, second, idx};
 }
 

@@ -11,10 +11,10 @@
 // re-scored at the end (TK / W codes) in the same arithmetic, which gives the winning index and the
 // second best inside that lane and tile; every other code is bounded by a lane or tile maximum.
 
-// Score the packed tile (m x cap features, cap biases) against R query rows and fold each row's per-lane
-// tile maximum into its running state (best, second, tile of the best).
+// Score the packed tile (m x cap features, cap biases) against a block of R query rows (m x R features)
+// and fold each row's per-lane tile maximum into its running state (best, second, tile of the best).
 template <int R, int C>
-static inline void score_tile_rows(const float* a, const float* bias, int cap, int m, const float* const* qrows,
+static inline void score_tile_rows(const float* a, const float* bias, int cap, int m, const float* qblock,
                                    float* st_best, float* st_second, int32_t* st_tile, int tile) {
     typename V::reg top[R];
 #pragma GCC unroll 16
@@ -28,13 +28,14 @@ static inline void score_tile_rows(const float* a, const float* bias, int cap, i
             for (int r = 0; r < R; ++r) acc[r][c] = b;
         }
         const float* av = a + v;
-        for (int e = 0; e < m; ++e, av += cap) {
+        const float* qe = qblock;
+        for (int e = 0; e < m; ++e, av += cap, qe += R) {
             typename V::reg x[C];
 #pragma GCC unroll 16
             for (int c = 0; c < C; ++c) x[c] = V::load(av + c * V::W);
 #pragma GCC unroll 16
             for (int r = 0; r < R; ++r) {
-                const typename V::reg qb = V::set1(qrows[r][e]);
+                const typename V::reg qb = V::set1(qe[r]);
 #pragma GCC unroll 16
                 for (int c = 0; c < C; ++c) acc[r][c] = V::fma(qb, x[c], acc[r][c]);
             }
@@ -61,30 +62,19 @@ static inline void score_codes(const float* a, const float* bias, int cap, int m
     }
 }
 
-static void run_rows(const Problem& p, int64_t i0, int64_t i1, int tk, Workspace& w) {
+// Take tiles from `next` until none is left: pack each, score every block of rows against it.
+static void scan_tiles(const Problem& p, const float* qpack, int64_t padded, int tk, std::atomic<int64_t>& next,
+                       Workspace& w) {
     const int m = p.m;
-    const int64_t rows = i1 - i0;
-    const int64_t padded = (rows + R - 1) / R * R;
-    for (int64_t i = 0; i < padded * V::W; ++i) {
-        w.best[i] = -INFINITY;
-        w.second[i] = -INFINITY;
-        w.tile[i] = 0;
-    }
-    for (int64_t k0 = 0, t = 0; k0 < p.k; k0 += tk, ++t) {
+    for (int64_t t = next++; t * tk < p.k; t = next++) {
+        const int64_t k0 = t * tk;
         const int count = static_cast<int>(std::min<int64_t>(tk, p.k - k0));
         const int cap = (count + V::W * C - 1) / (V::W * C) * (V::W * C);
         pack_codes(p, k0, 1, count, cap, w.a, w.bias);
         for (int64_t rb = 0; rb < padded; rb += R) {
-            const float* qrows[R];
-            for (int r = 0; r < R; ++r) qrows[r] = p.q + std::min(i0 + rb + r, i1 - 1) * m;
             const int64_t o = rb * V::W;
-            score_tile_rows<R, C>(w.a, w.bias, cap, m, qrows, w.best + o, w.second + o, w.tile + o,
+            score_tile_rows<R, C>(w.a, w.bias, cap, m, qpack + rb * m, w.best + o, w.second + o, w.tile + o,
                                   static_cast<int>(t));
         }
-    }
-    for (int64_t i = 0; i < rows; ++i) {
-        const int64_t o = i * V::W;
-        const Lanes lanes{w.best + o, w.second + o, w.tile + o, V::W};
-        finish_row(p, i0 + i, lanes, tk, w, score_codes);
     }
 }

@@ -46,11 +46,17 @@ def test_kernel_on_a_full_size_codebook(isa):
 
 
 @pytest.mark.parametrize("rule", ["posterior", "mean"])
-def test_best_and_second_are_float32_scores_of_the_right_codes(isa, rule):
+@pytest.mark.parametrize(
+    ("tile_bytes", "chunk_rows"), [(fused_cpu.TILE_BYTES, fused_cpu.CHUNK_ROWS), (1024, 480)]
+)
+def test_best_and_second_are_float32_scores_of_the_right_codes(isa, rule, tile_bytes, chunk_rows):
+    # small tiles and chunks: 3 threads share ~90 tiles per chunk of 480 rows, so their states merge
     codes = GaussianCodebook(3000, 8).vectors
     mu, lv = random_queries(500, 8, seed=9, bits=11.0)
     lvr = lv if rule == "posterior" else None
-    best, second, idx, err, _ = fused_cpu.kernel_scores(mu, lvr, codes, rule, 1.0, isa=isa)
+    best, second, idx, err, _ = fused_cpu.kernel_scores(
+        mu, lvr, codes, rule, 1.0, isa=isa, threads=3, tile_bytes=tile_bytes, chunk_rows=chunk_rows
+    )
     exact = query_features(mu.double(), None if lvr is None else lvr.double(), rule, 1.0)
     exact = exact @ code_features(codes.double(), rule).T  # (n, K) float64 scores, same argmax as the rule
     top2 = exact.topk(2, dim=1).values
@@ -110,7 +116,10 @@ def test_tiny_codebooks_and_batches(isa, k, n):
 def test_threads_do_not_change_the_bits(isa):
     codes = GaussianCodebook(4096, 16).vectors
     mu, lv = random_queries(2000, 16, seed=5, bits=12.0)
-    runs = [fused_cpu.kernel_scores(mu, lv, codes, "posterior", 1.0, isa=isa, threads=t) for t in (1, 2, 3)]
+    runs = [
+        fused_cpu.kernel_scores(mu, lv, codes, "posterior", 1.0, isa=isa, threads=t, tile_bytes=4096)
+        for t in (1, 2, 3)
+    ]
     for run in runs[1:]:
         for a, b in zip(runs[0][:3], run[:3]):
             assert torch.equal(a, b)
