@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from kernels.rules import code_feature_bound, feature_dim, query_features
-from kernels.tiled import search_tiled
+from kernels.tiled import RunMaxima, search_tiled
 
 _U32 = 2.0**-24  # float32 unit roundoff
 _QUERY_CHUNK = 65536  # rows whose float64 features exist at once while the inputs are built
@@ -62,8 +62,10 @@ def certified_answer(
     rule: str,
     beta: float,
     scratch_bytes: int,
+    run_maxima: RunMaxima | None = None,
 ) -> torch.Tensor:
-    """int64 indices: the kernel's where certified, kernels.tiled's exact search elsewhere."""
+    """int64 indices: the kernel's where certified, kernels.tiled's exact search elsewhere (its float32
+    candidate runs from `run_maxima` where given, e.g. the same kernel's)."""
     finite = torch.isfinite(q).all(1)
     uncertain = uncertified(best, second, err) | ~finite
     n_bad, n_uncertain = torch.stack([(~finite).sum(), uncertain.sum()]).tolist()  # one sync
@@ -74,5 +76,5 @@ def certified_answer(
         rows = uncertain.nonzero().squeeze(1)
         lv = None if logvar is None else logvar[rows]
         # the CPU path itself decides these rows, so the answer is its answer by construction
-        out[rows] = search_tiled(mu[rows], lv, codes, rule, beta, scratch_bytes)
+        out[rows] = search_tiled(mu[rows], lv, codes, rule, beta, scratch_bytes, run_maxima)
     return out

@@ -24,13 +24,15 @@ from types import ModuleType
 import torch
 
 from kernels.certificate import certified_answer, core_features, query_inputs
+from kernels.tiled import BLOCK
 
 SOURCES = (Path(__file__).with_name("nearest_cpu.cpp"), Path(__file__).with_name("nearest_cpu_simd.h"))
 ENV = "GQ_CPU_KERNEL"
 CHOICES = ("auto", "avx512", "avx2", "off")
 TILE_BYTES = 64 * 2**10  # packed code features per tile: L2-resident, streamed by every row block
 CHUNK_ROWS = 16384  # rows searched at once: each thread holds 12 bytes x lanes of state per row
-CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+# -fopenmp: at::parallel_for runs on torch's own OpenMP threads (libgomp.so.1, the one torch loaded)
+CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 
 
 def _source_hash() -> str:
@@ -51,6 +53,7 @@ def _build() -> ModuleType | None:
             name=f"gq_nearest_cpu_{_source_hash()}",
             sources=[str(SOURCES[0])],
             extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
             extra_include_paths=[str(SOURCES[0].parent)],
             verbose=False,
         )
@@ -94,7 +97,20 @@ def search_fused_cpu(
 ) -> torch.Tensor:
     """Index of the best code per query (int64), the same answer as kernels.tiled.search_tiled."""
     best, second, idx, err, q = kernel_scores(mu, logvar, codes, rule, beta, isa=isa, threads=threads)
-    return certified_answer(best, second, idx, err, q, mu, logvar, codes, rule, beta, scratch_bytes)
+    maxima = functools.partial(kernel_run_maxima, isa=isa, threads=threads)
+    return certified_answer(best, second, idx, err, q, mu, logvar, codes, rule, beta, scratch_bytes, maxima)
+
+
+def kernel_run_maxima(
+    q32: torch.Tensor, codes: torch.Tensor, rule: str, *, isa: str, threads: int | None = None
+) -> torch.Tensor:
+    """kernels.tiled's float32 run maxima from this kernel: the exact path's candidate runs of the rows
+    the kernel could not certify, without the tiled GEMMs' fixed cost per call. q32 has the features of
+    kernels.rules (the mean rule's constant -1/2 last: the kernel folds it into its per-code bias)."""
+    q = q32[:, : core_features(codes.shape[1], rule)].contiguous()
+    return _build().run_maxima(
+        q, codes.float().contiguous(), rule == "posterior", threads or torch.get_num_threads(), isa, BLOCK
+    )
 
 
 def kernel_scores(

@@ -14,14 +14,13 @@
 
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <exception>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -277,24 +276,13 @@ static int tile_codes(int64_t tile_bytes, int m, const Isa& isa) {
     return static_cast<int>(std::min<int64_t>(codes, 1 << 20));
 }
 
-// f(worker) on `workers` threads (the caller is worker 0); the first exception is rethrown after all end.
+// f(worker) for workers 0 .. workers-1 on torch's intra-op threads (at::parallel_for, so the threads are
+// torch's own: a second pool would compete with torch's spinning OpenMP threads for the same cores).
 template <class F>
 static void parallel(int64_t workers, const F& f) {
-    std::exception_ptr error;
-    std::mutex lock;
-    auto guarded = [&](int64_t i) {
-        try {
-            f(i);
-        } catch (...) {
-            std::lock_guard<std::mutex> hold(lock);
-            if (!error) error = std::current_exception();
-        }
-    };
-    std::vector<std::thread> pool;
-    for (int64_t i = 1; i < workers; ++i) pool.emplace_back(guarded, i);
-    guarded(0);
-    for (std::thread& t : pool) t.join();
-    if (error) std::rethrow_exception(error);
+    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) f(i);
+    });
 }
 
 // Rows [c0, c1): the workers share the codebook's tiles (each packs the tiles it takes from a counter
@@ -325,43 +313,88 @@ static void search_chunk(const Problem& p, const Isa& isa, int64_t c0, int64_t c
     });
 }
 
-std::vector<torch::Tensor> search(const torch::Tensor& q, const torch::Tensor& codes, bool posterior,
-                                  int64_t threads, const std::string& isa_name, int64_t tile_bytes,
-                                  int64_t chunk_rows) {
+static const Isa& find_isa(const std::string& name, const std::vector<Isa>& isas) {
+    for (const Isa& s : isas) {
+        if (name == s.name) return s;
+    }
+    TORCH_CHECK(false, "this CPU cannot run the ", name, " kernel");
+}
+
+static Problem problem(const torch::Tensor& q, const torch::Tensor& codes, bool posterior) {
     TORCH_CHECK(q.device().is_cpu() && codes.device().is_cpu(), "CPU tensors only");
     TORCH_CHECK(q.scalar_type() == torch::kFloat32 && codes.scalar_type() == torch::kFloat32, "float32 only");
     TORCH_CHECK(q.dim() == 2 && codes.dim() == 2 && q.is_contiguous() && codes.is_contiguous(),
                 "q (n, m) and codes (k, d), contiguous");
-    const int64_t n = q.size(0), k = codes.size(0), d = codes.size(1);
+    const int64_t k = codes.size(0), d = codes.size(1);
     TORCH_CHECK(q.size(1) == (posterior ? 2 * d : d), "q has ", q.size(1), " features for d = ", d);
     TORCH_CHECK(k > 0 && k < (int64_t(1) << 31) && d > 0, "need 0 < K < 2^31 codes and d > 0");
+    return Problem{q.data_ptr<float>(), q.size(0), static_cast<int>(q.size(1)), codes.data_ptr<float>(), k,
+                   static_cast<int>(d), posterior, nullptr, nullptr, nullptr};
+}
+
+std::vector<torch::Tensor> search(const torch::Tensor& q, const torch::Tensor& codes, bool posterior,
+                                  int64_t threads, const std::string& isa_name, int64_t tile_bytes,
+                                  int64_t chunk_rows) {
+    Problem p = problem(q, codes, posterior);
     const std::vector<Isa> isas = supported();
-    const Isa* isa = nullptr;
-    for (const Isa& s : isas) {
-        if (isa_name == s.name) isa = &s;
-    }
-    TORCH_CHECK(isa != nullptr, "this CPU cannot run the ", isa_name, " kernel");
+    const Isa& isa = find_isa(isa_name, isas);
+    const int64_t n = p.n;
     auto best = torch::empty({n}, q.options());
     auto second = torch::empty({n}, q.options());
     auto idx = torch::empty({n}, q.options().dtype(torch::kInt64));
-    const Problem p{q.data_ptr<float>(), n, static_cast<int>(q.size(1)), codes.data_ptr<float>(), k,
-                    static_cast<int>(d), posterior, best.data_ptr<float>(), second.data_ptr<float>(),
-                    idx.data_ptr<int64_t>()};
-    const int tk = tile_codes(tile_bytes, p.m, *isa);
+    p.best = best.data_ptr<float>(), p.second = second.data_ptr<float>(), p.idx = idx.data_ptr<int64_t>();
+    const int tk = tile_codes(tile_bytes, p.m, isa);
     threads = std::max<int64_t>(1, threads);
-    const int64_t chunk = std::max<int64_t>(isa->rows, chunk_rows / isa->rows * isa->rows);
+    const int64_t chunk = std::max<int64_t>(isa.rows, chunk_rows / isa.rows * isa.rows);
     {
         pybind11::gil_scoped_release no_gil;
         std::vector<Workspace> ws(threads);
-        std::vector<float> qpack((std::min(chunk, n) + isa->rows) * p.m);
-        for (int64_t c0 = 0; c0 < n; c0 += chunk) search_chunk(p, *isa, c0, std::min(n, c0 + chunk), tk, threads, ws, qpack);
+        std::vector<float> qpack((std::min(chunk, n) + isa.rows) * p.m);
+        for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+            search_chunk(p, isa, c0, std::min(n, c0 + chunk), tk, threads, ws, qpack);
+        }
     }
     return {best, second, idx};
+}
+
+// Each row's maximum float32 score over every run of `block` codes, (n, ceil(K / block)): the candidate
+// runs of kernels/tiled.py's float64 finish, scored here in the same arithmetic as search().
+torch::Tensor run_maxima(const torch::Tensor& q, const torch::Tensor& codes, bool posterior, int64_t threads,
+                         const std::string& isa_name, int64_t block) {
+    const Problem p = problem(q, codes, posterior);
+    const std::vector<Isa> isas = supported();
+    const Isa& isa = find_isa(isa_name, isas);
+    TORCH_CHECK(block > 0 && block % isa.lanes == 0, "block must be a multiple of ", isa.lanes);
+    const int64_t runs = (p.k + block - 1) / block;
+    auto out = torch::empty({p.n, runs}, q.options());
+    float* maxima = out.data_ptr<float>();
+    const int tk = static_cast<int>(block * std::max<int64_t>(1, 16384 / (4 * p.m) / block));
+    const int64_t tiles = (p.k + tk - 1) / tk;
+    std::atomic<int64_t> next{0};
+    pybind11::gil_scoped_release no_gil;
+    parallel(std::max<int64_t>(1, std::min(threads, tiles)), [&](int64_t) {
+        Buffers buffers;
+        const auto b = buffers.carve({int64_t(p.m) * tk, tk, tk});
+        for (int64_t t = next++; t < tiles; t = next++) {
+            const int count = static_cast<int>(std::min<int64_t>(tk, p.k - t * tk));
+            const int cap = (count + isa.lanes - 1) / isa.lanes * isa.lanes;
+            pack_codes(p, t * tk, 1, count, cap, b[0], b[1]);
+            for (int64_t r = 0; r < p.n; ++r) {
+                isa.score_codes(b[0], b[1], cap, p.m, p.q + r * p.m, b[2]);
+                for (int j0 = 0; j0 < count; j0 += block) {
+                    const float* s = b[2] + j0;
+                    maxima[r * runs + (t * tk + j0) / block] = *std::max_element(s, s + std::min<int>(block, count - j0));
+                }
+            }
+        }
+    });
+    return out;
 }
 
 }  // namespace gq_nearest
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("search", &gq_nearest::search, "best, second-best score and index per query (float32, certified by the caller)");
+    m.def("run_maxima", &gq_nearest::run_maxima, "per-row float32 maxima over runs of `block` codes");
     m.def("supported_isas", &gq_nearest::supported_isas, "the kernel's ISAs this CPU runs, best first");
 }

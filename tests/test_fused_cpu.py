@@ -10,7 +10,7 @@ from test_search import check_against_reference, random_queries
 
 from gq import GaussianCodebook
 from kernels import fused_cpu, nearest_code
-from kernels.certificate import uncertified
+from kernels.certificate import core_features, query_inputs, uncertified
 from kernels.reference import direct_scores, reference_search
 from kernels.rules import code_features, query_features
 
@@ -177,3 +177,17 @@ def test_direct_scores_confirm_the_answer_on_real_sized_posteriors(isa):
     chosen = direct_scores(mu, lv, codes[ours], "posterior", 1.0)
     assert torch.allclose(chosen, ref_score, rtol=1e-12, atol=0)
     assert (ours == ref).float().mean() >= 0.998
+
+
+@pytest.mark.parametrize("rule", ["posterior", "mean"])
+def test_run_maxima_for_the_exact_finish_are_within_the_bound(isa, rule):
+    # the exact path's candidate runs come from the kernel: each run's maximum within err of the float64 one
+    codes = GaussianCodebook(1000, 5).vectors  # 1000 = 15 runs of 64 and a partial one
+    mu, lv = random_queries(37, 5, seed=13, bits=10.0)
+    q64 = query_features(mu.double(), lv.double() if rule == "posterior" else None, rule, 1.0)
+    maxima = fused_cpu.kernel_run_maxima(q64.float(), codes, rule, isa=isa)
+    exact = q64 @ code_features(codes.double(), rule).T
+    exact = torch.nn.functional.pad(exact, (0, 24), value=float("-inf")).view(37, 16, 64).amax(2)
+    _, err = query_inputs(mu, lv if rule == "posterior" else None, codes, rule, 1.0, core_features(5, rule))
+    assert maxima.shape == (37, 16)
+    assert ((maxima.double() - exact).abs() <= err[:, None]).all()
