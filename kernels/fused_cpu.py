@@ -66,6 +66,12 @@ def _build() -> ModuleType | None:
         return None
 
 
+def supported_isas() -> list[str]:
+    """The ISAs the kernel runs on this CPU, best first (none where it did not build)."""
+    module = _build()
+    return module.supported_isas() if module is not None else []
+
+
 def kernel_isa(choice: str | None = None) -> str | None:
     """The ISA the CPU kernel runs with ("avx512" or "avx2"), or None where the tiled path runs instead:
     `choice` (default: $GQ_CPU_KERNEL, else "auto") is off, the kernel did not build, or the CPU lacks it."""
@@ -74,8 +80,7 @@ def kernel_isa(choice: str | None = None) -> str | None:
         raise ValueError(f"{ENV} must be one of {CHOICES}, got {choice!r}")
     if choice == "off":
         return None
-    module = _build()
-    supported = module.supported_isas() if module is not None else []
+    supported = supported_isas()
     if choice == "auto":
         return supported[0] if supported else None
     if choice not in supported:
@@ -109,7 +114,13 @@ def kernel_run_maxima(
     kernels.rules (the mean rule's constant -1/2 last: the kernel folds it into its per-code bias)."""
     q = q32[:, : core_features(codes.shape[1], rule)].contiguous()
     return _build().run_maxima(
-        q, codes.float().contiguous(), rule == "posterior", threads or torch.get_num_threads(), isa, BLOCK
+        q,
+        codes.float().contiguous(),
+        rule == "posterior",
+        threads or torch.get_num_threads(),
+        isa,
+        BLOCK,
+        TILE_BYTES,
     )
 
 

@@ -198,6 +198,11 @@ struct V {
     static inline reg set1(float x) { return _mm256_set1_ps(x); }
     static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
     static inline reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+    static inline float hmax(reg x) {
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+    }
     // Fold a tile's per-lane maxima into the running best / second / tile: a strictly higher maximum
     // takes over the best (so equal maxima keep the earlier tile and make best == second).
     static inline void merge(float* best, float* second, int32_t* tile, reg top, int t) {
@@ -226,6 +231,7 @@ struct V {
     static inline reg set1(float x) { return _mm512_set1_ps(x); }
     static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
     static inline reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+    static inline float hmax(reg x) { return _mm512_reduce_max_ps(x); }
     static inline void merge(float* best, float* second, int32_t* tile, reg top, int t) {
         const reg b = load(best);
         const __mmask16 higher = _mm512_cmp_ps_mask(top, b, _CMP_GT_OQ);
@@ -246,6 +252,8 @@ struct Isa {
     const char* name;
     int lanes, rows;
     void (*scan_tiles)(const Problem&, const float*, int64_t, int, std::atomic<int64_t>&, Workspace&);
+    void (*scan_runs)(const Problem&, const float*, int64_t, int, int, std::atomic<int64_t>&, Workspace&, float*,
+                      int64_t);
     ScoreCodes score_codes;
 };
 
@@ -254,10 +262,10 @@ static std::vector<Isa> supported() {
 #ifdef GQ_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) {
-        out.push_back({"avx512", avx512::V::W, avx512::R, avx512::scan_tiles, avx512::score_codes});
+        out.push_back({"avx512", avx512::V::W, avx512::R, avx512::scan_tiles, avx512::scan_runs, avx512::score_codes});
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        out.push_back({"avx2", avx2::V::W, avx2::R, avx2::scan_tiles, avx2::score_codes});
+        out.push_back({"avx2", avx2::V::W, avx2::R, avx2::scan_tiles, avx2::scan_runs, avx2::score_codes});
     }
 #endif
     return out;
@@ -358,35 +366,25 @@ std::vector<torch::Tensor> search(const torch::Tensor& q, const torch::Tensor& c
 }
 
 // Each row's maximum float32 score over every run of `block` codes, (n, ceil(K / block)): the candidate
-// runs of kernels/tiled.py's float64 finish, scored here in the same arithmetic as search().
+// runs of kernels/tiled.py's float64 finish, scored by the same microkernel as search().
 torch::Tensor run_maxima(const torch::Tensor& q, const torch::Tensor& codes, bool posterior, int64_t threads,
-                         const std::string& isa_name, int64_t block) {
+                         const std::string& isa_name, int64_t block, int64_t tile_bytes) {
     const Problem p = problem(q, codes, posterior);
     const std::vector<Isa> isas = supported();
     const Isa& isa = find_isa(isa_name, isas);
-    TORCH_CHECK(block > 0 && block % isa.lanes == 0, "block must be a multiple of ", isa.lanes);
+    TORCH_CHECK(block > 0 && block % (2 * isa.lanes) == 0, "block must be a multiple of ", 2 * isa.lanes);
     const int64_t runs = (p.k + block - 1) / block;
     auto out = torch::empty({p.n, runs}, q.options());
-    float* maxima = out.data_ptr<float>();
-    const int tk = static_cast<int>(block * std::max<int64_t>(1, 16384 / (4 * p.m) / block));
-    const int64_t tiles = (p.k + tk - 1) / tk;
+    const int tk = static_cast<int>(block * std::max<int64_t>(1, tile_bytes / (4 * p.m) / block));
+    const int64_t padded = (p.n + isa.rows - 1) / isa.rows * isa.rows;
+    std::vector<float> qpack((padded + isa.rows) * p.m);
+    pack_queries(p, 0, p.n, isa.rows, qpack.data());
     std::atomic<int64_t> next{0};
     pybind11::gil_scoped_release no_gil;
-    parallel(std::max<int64_t>(1, std::min(threads, tiles)), [&](int64_t) {
-        Buffers buffers;
-        const auto b = buffers.carve({int64_t(p.m) * tk, tk, tk});
-        for (int64_t t = next++; t < tiles; t = next++) {
-            const int count = static_cast<int>(std::min<int64_t>(tk, p.k - t * tk));
-            const int cap = (count + isa.lanes - 1) / isa.lanes * isa.lanes;
-            pack_codes(p, t * tk, 1, count, cap, b[0], b[1]);
-            for (int64_t r = 0; r < p.n; ++r) {
-                isa.score_codes(b[0], b[1], cap, p.m, p.q + r * p.m, b[2]);
-                for (int j0 = 0; j0 < count; j0 += block) {
-                    const float* s = b[2] + j0;
-                    maxima[r * runs + (t * tk + j0) / block] = *std::max_element(s, s + std::min<int>(block, count - j0));
-                }
-            }
-        }
+    std::vector<Workspace> ws(std::max<int64_t>(1, std::min(threads, (p.k + tk - 1) / tk)));
+    parallel(ws.size(), [&](int64_t w) {
+        ws[w].reserve(p.m, tk, 0, isa.lanes);
+        isa.scan_runs(p, qpack.data(), padded, tk, block, next, ws[w], out.data_ptr<float>(), runs);
     });
     return out;
 }
