@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,7 +127,9 @@ def job(shards: str, name: str, cfg: dict, folder: Path, batch: int) -> dict:
     cmd += ["--batch-size", str(batch), "--actors", "1"]
     env = {**os.environ, "RAY_ADDRESS": "local", ENV: cfg[ENV]}
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"{name} job failed ({done.returncode}): {done.stderr[-2000:]}")
     wall = time.perf_counter() - start
     records = [read_manifest(str(out), Path(u).stem) for u in expand_shards(shards)]
     rows = sum(r["rows"] for r in records)
@@ -165,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=2), flush=True)
     if not args.no_job:
         with tempfile.TemporaryDirectory(prefix="gq-tokenize-cpu-") as tmp:
+            shards = Path(tmp) / "shards"  # copies with distinct names (both sources may be shard-000000)
+            shards.mkdir()
+            for i, url in enumerate(expand_shards(args.source)):
+                shutil.copyfile(url, shards / f"photos-{i:06d}.tar")
             runs = {
-                n: job(args.source, n, c, Path(tmp), args.batch_size) for n, c in configurations().items()
+                n: job(str(shards), n, c, Path(tmp), args.batch_size) for n, c in configurations().items()
             }
         same = float((runs["before"].pop("tokens") == runs["after"].pop("tokens")).mean())
         before, after = runs["before"], runs["after"]

@@ -30,7 +30,7 @@ SOURCES = (Path(__file__).with_name("nearest_cpu.cpp"), Path(__file__).with_name
 ENV = "GQ_CPU_KERNEL"
 CHOICES = ("auto", "avx512", "avx2", "off")
 TILE_BYTES = 64 * 2**10  # packed code features per tile: L2-resident, streamed by every row block
-CHUNK_ROWS = 16384  # rows searched at once: each thread holds 12 bytes x lanes of state per row
+CHUNK_ROWS = 16384  # rows searched at once: ~2.4 KiB each of features, bound and per-thread lane state
 # -fopenmp: at::parallel_for runs on torch's own OpenMP threads (libgomp.so.1, the one torch loaded)
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 
@@ -100,10 +100,20 @@ def search_fused_cpu(
     isa: str,
     threads: int | None = None,
 ) -> torch.Tensor:
-    """Index of the best code per query (int64), the same answer as kernels.tiled.search_tiled."""
-    best, second, idx, err, q = kernel_scores(mu, logvar, codes, rule, beta, isa=isa, threads=threads)
+    """Index of the best code per query (int64), the same answer as kernels.tiled.search_tiled.
+
+    Rows go CHUNK_ROWS at a time, so the features, bounds and kernel state in memory stay bounded
+    whatever n is (only the int64 answer grows with n)."""
+    codes = codes.float().contiguous()
     maxima = functools.partial(kernel_run_maxima, isa=isa, threads=threads)
-    return certified_answer(best, second, idx, err, q, mu, logvar, codes, rule, beta, scratch_bytes, maxima)
+    out = torch.empty(mu.shape[0], dtype=torch.int64)
+    for i0 in range(0, mu.shape[0], CHUNK_ROWS):
+        m, lv = mu[i0 : i0 + CHUNK_ROWS], None if logvar is None else logvar[i0 : i0 + CHUNK_ROWS]
+        best, second, idx, err, q = kernel_scores(m, lv, codes, rule, beta, isa=isa, threads=threads)
+        out[i0 : i0 + m.shape[0]] = certified_answer(
+            best, second, idx, err, q, m, lv, codes, rule, beta, scratch_bytes, maxima
+        )
+    return out
 
 
 def kernel_run_maxima(

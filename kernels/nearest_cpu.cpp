@@ -87,22 +87,25 @@ struct Workspace {
 // and sums in a fixed order, so every call gives the same bits for the same code.
 static void pack_codes(const Problem& p, int64_t k0, int64_t stride, int count, int cap, float* a, float* bias) {
     const int d = p.d;
-    for (int j = 0; j < count; ++j) {
-        const float* c = p.codes + (k0 + j * stride) * d;
-        if (p.posterior) {
-            for (int i = 0; i < d; ++i) {
-                a[int64_t(i) * cap + j] = c[i] * c[i];
-                a[int64_t(d + i) * cap + j] = c[i];
+    const float* base = p.codes + k0 * d;
+    const int64_t step = stride * d;
+    // feature-major: each inner loop writes one contiguous row of the tile (the codes' i-th coordinate)
+    for (int j = 0; j < count; ++j) bias[j] = 0.f;
+    for (int i = 0; i < d; ++i) {
+        float* sq = a + int64_t(i) * cap;
+        float* lin = a + int64_t(p.posterior ? d + i : i) * cap;
+        for (int j = 0; j < count; ++j) {
+            const float c = base[j * step + i];
+            lin[j] = c;
+            if (p.posterior) {
+                sq[j] = c * c;
+            } else {
+                bias[j] += c * c;  // ||c||^2 summed in coordinate order, the same for every call
             }
-            bias[j] = 0.f;
-        } else {
-            float sq = 0.f;
-            for (int i = 0; i < d; ++i) {
-                a[int64_t(i) * cap + j] = c[i];
-                sq += c[i] * c[i];
-            }
-            bias[j] = -0.5f * sq;
         }
+    }
+    if (!p.posterior) {
+        for (int j = 0; j < count; ++j) bias[j] *= -0.5f;
     }
     for (int j = count; j < cap; ++j) {
         for (int e = 0; e < p.m; ++e) a[int64_t(e) * cap + j] = 0.f;

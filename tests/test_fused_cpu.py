@@ -191,3 +191,10 @@ def test_run_maxima_for_the_exact_finish_are_within_the_bound(isa, rule):
     _, err = query_inputs(mu, lv if rule == "posterior" else None, codes, rule, 1.0, core_features(5, rule))
     assert maxima.shape == (37, 16)
     assert ((maxima.double() - exact).abs() <= err[:, None]).all()
+
+
+def test_rows_go_in_chunks_with_the_same_answer(isa, monkeypatch):
+    monkeypatch.setattr(fused_cpu, "CHUNK_ROWS", 128)  # 350 rows: two whole chunks and a partial one
+    codes = GaussianCodebook(2048, 4).vectors
+    mu, lv = random_queries(350, 4, seed=21, bits=11.0)
+    check_against_reference(mu, lv, codes, "posterior", backend="fused")
