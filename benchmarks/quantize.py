@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         for gd in args.grid_d
     ]
     gflops_after = matmul_gflops() if grid else gflops
+    floor_s *= gflops / max(gflops, gflops_after)  # the headline floor too: the faster measurement
     for row in grid:  # the stricter floor: the faster of the two matmul measurements
         scale = gflops / max(gflops, gflops_after)
         row["floor_ms"] = round(row["floor_ms"] * scale, 2)
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| reference torch path | {ref_best * 1e3:.0f} | {ref_best / ours_best:.0f}x slower |\n"
         f"| chunked GEMM + argmax | {gemm_best * 1e3:.1f} | {gemm_best / ours_best:.2f}x slower |\n"
         f"| **ours** (median {ours_median * 1e3:.1f}) | **{ours_best * 1e3:.1f}** | 1 |\n"
-        f"| arithmetic floor ({gflops:.0f} GFLOP/s) | {floor_s * 1e3:.1f} "
+        f"| arithmetic floor ({max(gflops, gflops_after):.0f} GFLOP/s) | {floor_s * 1e3:.1f} "
         f"| ours = {ours_best / floor_s:.2f}x floor |"
     )
     if grid:
