@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.rules import code_feature_bound, feature_dim, query_features
+from kernels.rules import code_feature_bound, query_features, score_error_bound
 from kernels.tiled import RunMaxima, search_tiled
 
-_U32 = 2.0**-24  # float32 unit roundoff
 _QUERY_CHUNK = 65536  # rows whose float64 features exist at once while the inputs are built
 
 
@@ -32,7 +31,6 @@ def query_inputs(
     """(q (n, width) float32, err (n,) float64): the query's core features rounded from float64 (as the
     CPU path does), zero-padded to `width`, and the bound on |float32 score - exact score| for every code."""
     n, d = mu.shape
-    m_rule = feature_dim(d, rule)
     core = core_features(d, rule)
     bound = code_feature_bound(codes32, rule)
     q = mu.new_zeros((n, width), dtype=torch.float32)
@@ -41,7 +39,7 @@ def query_inputs(
         lv = None if logvar is None else logvar[i0 : i0 + _QUERY_CHUNK].double()
         q64 = query_features(mu[i0 : i0 + _QUERY_CHUNK].double(), lv, rule, beta)
         q[i0 : i0 + q64.shape[0], :core] = q64[:, :core]
-        err[i0 : i0 + q64.shape[0]] = 2 * (m_rule + 4) * _U32 * (q64.abs() @ bound)
+        err[i0 : i0 + q64.shape[0]] = score_error_bound(q64, bound)
     return q, err
 
 

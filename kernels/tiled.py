@@ -20,10 +20,10 @@ from kernels.rules import (
     code_features,
     feature_dim,
     query_features,
+    score_error_bound,
 )
 
 BLOCK = 64  # codes per run whose maximum is kept; the float64 finish re-scores whole runs
-_U32 = 2.0**-24  # float32 unit roundoff
 
 # (q32 (nb, m) float32 features of kernels.rules, codes (K, d) float32, rule) -> (nb, runs) float32 maxima
 RunMaxima = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
@@ -133,9 +133,7 @@ def search_tiled(
             maxima = _run_maxima(q32, codes, rule, bk, scratch)
         else:
             maxima = run_maxima(q32, codes, rule)
-        # |float32 score - exact score| <= err for every code: the GEMM's m-term accumulation plus
-        # the rounding of Q and A to float32, with a factor 2 to spare.
-        err = (2 * (m + 4) * _U32 * (q64.abs() @ bound)).float()
+        err = score_error_bound(q64, bound).float()  # |float32 score - exact score| <= err, every code
         candidates = maxima >= (maxima.amax(1) - 2 * err)[:, None]
         out[i0 : i0 + bn] = _finish(q64, codes, rule, candidates, finish_chunk)
     return out
