@@ -15,11 +15,15 @@ import startup  # (first: the jobs' shared start-up, jobs/startup.py)
 
 # isort: split
 import argparse
+import contextlib
 import sys
 
 from pipeline.data.decode import add_limit_arguments, limits_from_args
 from pipeline.tokenize.driver import ON_EXISTING, JobSettings, plan, prepare_output, run_job
+from pipeline.tokenize.precision import CHOICES as PRECISIONS
+from pipeline.tokenize.precision import resolve_encoder_precision
 from pipeline.tokenize.processor import JPEG_DECODERS, TokenizeOptions
+from pipeline.tokens.records import read_run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,9 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--encoder-precision",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="bfloat16: encoder under autocast (tensor cores; ~1.5x on an AVX-512 CPU), search stays float32",
+        choices=list(PRECISIONS),
+        default="auto",
+        help="auto: bfloat16 on CPU actors whose CPU has native bf16 (AVX512-BF16 or AMX; ~1.5x there), "
+        "float32 elsewhere; bfloat16: encoder under autocast (GPU tensor cores; emulated, several times "
+        "slower, on CPUs without native bf16); the search stays float32. _run.json keeps the resolved one",
     )
     p.add_argument(
         "--jpeg-decoder",
@@ -86,12 +92,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # resolved here, on the driver's CPU, so the run record pins a concrete precision
+    recorded = None
+    with contextlib.suppress(OSError, ValueError):  # an unreadable DIR is reported by plan() below
+        recorded = ((read_run(args.output) or {}).get("preprocessing") or {}).get("encoder_precision")
+    gpu = args.gpus_per_actor > 0
+    precision, warning = resolve_encoder_precision(args.encoder_precision, gpu=gpu, recorded=recorded)
+    if warning:
+        print(f"tokenize: warning: {warning}", file=sys.stderr, flush=True)
     options = TokenizeOptions(
         image_size=args.image_size,
         limits=limits_from_args(args),
         batch_size=args.batch_size,
         decode_threads=args.decode_threads,
-        encoder_precision=args.encoder_precision,
+        encoder_precision=precision,
         jpeg_decoder=args.jpeg_decoder,
     )
     settings = JobSettings(

@@ -16,13 +16,10 @@ from pathlib import Path
 
 import torch
 
-from kernels.rules import code_feature_bound, feature_dim, query_features
-from kernels.tiled import search_tiled
+from kernels.certificate import certified_answer, core_features, query_inputs
 
 SOURCE_PATH = Path(__file__).with_name("nearest.cu")
 THREADS = 128  # threads per block
-_U32 = 2.0**-24  # float32 unit roundoff
-_QUERY_CHUNK = 65536  # rows whose float64 features exist at once while the inputs are built
 
 
 @dataclass(frozen=True)
@@ -58,12 +55,6 @@ class LaunchPlan:
     def scratch_rows(self) -> int:
         """Rows of per-split results the launch needs beyond its output (0 without a split)."""
         return 0 if self.splits == 1 else self.splits
-
-
-def core_features(dim: int, rule: str) -> int:
-    """Features the kernel multiplies: 2d for the posterior rule, d for the mean rule (whose constant
-    -1/2 feature becomes the per-code bias)."""
-    return 2 * dim if rule == "posterior" else dim
 
 
 def padded_features(dim: int, rule: str) -> tuple[int, bool]:
@@ -114,20 +105,11 @@ def kernel_inputs(
     exact score| for every code of each query: the m-term accumulation plus the rounding of q and a,
     with a factor 2 to spare (the same bound as kernels/tiled.py).
     """
-    n, d = mu.shape
+    d = mu.shape[1]
     k = codes.shape[0]
     m, _ = padded_features(d, rule)
-    m_rule = feature_dim(d, rule)
-    core = core_features(d, rule)
     codes32 = codes.float()
-    bound = code_feature_bound(codes32, rule)
-    q = mu.new_zeros((n, m), dtype=torch.float32)
-    err = torch.empty(n, dtype=torch.float64, device=mu.device)
-    for i0 in range(0, n, _QUERY_CHUNK):
-        lv = None if logvar is None else logvar[i0 : i0 + _QUERY_CHUNK].double()
-        q64 = query_features(mu[i0 : i0 + _QUERY_CHUNK].double(), lv, rule, beta)
-        q[i0 : i0 + q64.shape[0], :core] = q64[:, :core]
-        err[i0 : i0 + q64.shape[0]] = 2 * (m_rule + 4) * _U32 * (q64.abs() @ bound)
+    q, err = query_inputs(mu, logvar, codes32, rule, beta, m)
     a = codes32.new_zeros((k, m))
     if rule == "posterior":
         a[:, :d] = codes32 * codes32
@@ -223,15 +205,4 @@ def search_fused(
         sm_count = torch.cuda.get_device_properties(mu.device).multi_processor_count
     plan = plan_launch(n, k, q.shape[1], bias is not None, sm_count, queries_per_thread=queries_per_thread)
     best, second, idx = launch(plan, q, a, bias)
-    finite = torch.isfinite(q).all(1)
-    uncertain = (best.double() - second.double() <= 2 * err) | ~finite
-    n_bad, n_uncertain = torch.stack([(~finite).sum(), uncertain.sum()]).tolist()  # one sync
-    if n_bad:
-        raise ValueError("non-finite search input: mu must be finite and logvar inside the quantizer's clamp")
-    out = idx.long()
-    if n_uncertain:
-        rows = uncertain.nonzero().squeeze(1)
-        lv = None if logvar is None else logvar[rows]
-        # the CPU path itself decides these rows, so the answer is its answer by construction
-        out[rows] = search_tiled(mu[rows], lv, codes, rule, beta, scratch_bytes)
-    return out
+    return certified_answer(best, second, idx, err, q, mu, logvar, codes, rule, beta, scratch_bytes)

@@ -60,6 +60,13 @@ def code_feature_bound(codes: torch.Tensor, rule: str) -> torch.Tensor:
     return torch.cat([cmax.expand(d), (sq_norm * (1 + 1e-6)).reshape(1)])
 
 
+def score_error_bound(q64: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """(n,) float64 bound on |float32 score - exact score| for every code: the m-term float32
+    accumulation plus the rounding of Q and A to float32, with a factor 2 to spare (bound: from
+    code_feature_bound; q64: the float64 features). Shared by the tiled path and the fused kernels."""
+    return 2 * (q64.shape[1] + 4) * 2.0**-24 * (q64.abs() @ bound)
+
+
 def block_scores(codes: torch.Tensor, q: torch.Tensor, rule: str) -> torch.Tensor:
     """Scores Q[p] . A[p, j] for blocks of codes (P, B, d) and one query row each (P, m) -> (P, B)."""
     d = codes.shape[2]

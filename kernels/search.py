@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+from kernels.fused_cpu import kernel_isa, search_fused_cpu
 from kernels.rules import check_rule
 from kernels.tiled import search_tiled
 
@@ -41,9 +42,11 @@ def nearest_code(
     rule="mean" minimises ||c - mu||^2. Ties go to the lowest index. Scratch memory stays within
     `scratch_bytes` whatever n is.
 
-    backend: "fused" runs the CuPy kernel (CUDA tensors only), "tiled" the plain-torch path (any
-    device), "auto" the kernel on CUDA tensors where CuPy imports and the tiled path otherwise.
-    Both give the same answer: the float64 argmax of the rule.
+    backend: "fused" runs the fused kernel of the tensors' device (CuPy on CUDA, the C++ kernel of
+    kernels/fused_cpu.py on the CPU), "tiled" the plain-torch path (any device), "auto" the fused
+    kernel where it is available (CuPy imports; the C++ kernel built, not switched off by
+    GQ_CPU_KERNEL=off) and the tiled path otherwise. All give the same answer: the float64 argmax of
+    the rule.
     """
     check_rule(rule)
     if backend not in BACKENDS:
@@ -58,18 +61,32 @@ def nearest_code(
         raise ValueError(f"mu is on {mu.device} but codes are on {codes.device}")
     if mu.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=mu.device)
+    if not mu.is_cuda and backend != "tiled":
+        return _search_cpu(mu, logvar, codes, rule, beta, scratch_bytes, backend)
     if backend == "auto":
-        backend = "fused" if mu.is_cuda and fused_available() else "tiled"
-        if mu.is_cuda and backend == "tiled":
+        backend = "fused" if fused_available() else "tiled"
+        if backend == "tiled":
             warnings.warn(
                 "CuPy does not import, so CUDA searches run the slower plain-torch path; "
                 "install the gpu extra (cupy-cuda12x or cupy-cuda13x) for the fused kernel",
                 stacklevel=2,
             )
     if backend == "fused":
-        if not mu.is_cuda:
-            raise ValueError(f"backend='fused' needs CUDA tensors, got {mu.device}")
         from kernels.fused import search_fused
 
         return search_fused(mu, logvar, codes, rule, beta, scratch_bytes)
     return search_tiled(mu, logvar, codes, rule, beta, scratch_bytes)
+
+
+def _search_cpu(mu, logvar, codes, rule, beta, scratch_bytes, backend):
+    """The C++ kernel on CPU tensors ("auto": where it runs here, else the tiled path)."""
+    if mu.device.type != "cpu":
+        if backend == "fused":
+            raise ValueError(f"backend='fused' needs CUDA or CPU tensors, got {mu.device}")
+        return search_tiled(mu, logvar, codes, rule, beta, scratch_bytes)
+    isa = kernel_isa()
+    if isa is None:
+        if backend == "fused":
+            raise ValueError("backend='fused' on CPU tensors: the C++ kernel is not available here")
+        return search_tiled(mu, logvar, codes, rule, beta, scratch_bytes)
+    return search_fused_cpu(mu, logvar, codes, rule, beta, scratch_bytes, isa=isa)

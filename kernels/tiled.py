@@ -10,6 +10,8 @@ argmax of the rule with the lowest index on ties, and scratch memory is fixed by
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kernels.rules import (
@@ -18,10 +20,13 @@ from kernels.rules import (
     code_features,
     feature_dim,
     query_features,
+    score_error_bound,
 )
 
 BLOCK = 64  # codes per run whose maximum is kept; the float64 finish re-scores whole runs
-_U32 = 2.0**-24  # float32 unit roundoff
+
+# (q32 (nb, m) float32 features of kernels.rules, codes (K, d) float32, rule) -> (nb, runs) float32 maxima
+RunMaxima = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
 
 
 def plan_tiles(n: int, k: int, d: int, m: int, scratch_bytes: int) -> tuple[int, int, int]:
@@ -98,7 +103,12 @@ def search_tiled(
     rule: str,
     beta: float,
     scratch_bytes: int,
+    run_maxima: RunMaxima | None = None,
 ) -> torch.Tensor:
+    """Index of the best code per query (int64): the float64 argmax, lowest index on ties.
+
+    run_maxima: another source of the float32 run maxima (the CPU kernel's; any with the same error
+    bound); by default the tiled float32 GEMMs here."""
     n, d = mu.shape
     k = codes.shape[0]
     m = feature_dim(d, rule)
@@ -119,10 +129,11 @@ def search_tiled(
             raise ValueError(
                 "non-finite search input: mu must be finite and logvar inside the quantizer's clamp"
             )
-        maxima = _run_maxima(q32, codes, rule, bk, scratch)
-        # |float32 score - exact score| <= err for every code: the GEMM's m-term accumulation plus
-        # the rounding of Q and A to float32, with a factor 2 to spare.
-        err = (2 * (m + 4) * _U32 * (q64.abs() @ bound)).float()
+        if run_maxima is None:
+            maxima = _run_maxima(q32, codes, rule, bk, scratch)
+        else:
+            maxima = run_maxima(q32, codes, rule)
+        err = score_error_bound(q64, bound).float()  # |float32 score - exact score| <= err, every code
         candidates = maxima >= (maxima.amax(1) - 2 * err)[:, None]
         out[i0 : i0 + bn] = _finish(q64, codes, rule, candidates, finish_chunk)
     return out

@@ -279,7 +279,8 @@ def test_tokenize_job_runs_the_converted_model(tmp_path, model):
     out = tmp_path / "tokens"
     done = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "tokenize.py"), "--input", str(shard), "--output", str(out),
-         "--checkpoint", str(ours), "--image-size", "64", "--batch-size", "4", "--no-progress"],
+         "--checkpoint", str(ours), "--image-size", "64", "--batch-size", "4", "--no-progress",
+         "--encoder-precision", "float32"],
         capture_output=True, text=True, cwd=REPO, timeout=300, start_new_session=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -50,7 +50,8 @@ pytestmark = pytest.mark.slow
 def job_cmd(inp, out, ckpt, *extra):
     return [
         sys.executable, str(REPO / "jobs" / "tokenize.py"), "--input", str(inp), "--output", str(out),
-        "--checkpoint", str(ckpt), "--image-size", str(SIZE), "--batch-size", "4", "--no-progress", *extra,
+        "--checkpoint", str(ckpt), "--image-size", str(SIZE), "--batch-size", "4", "--no-progress",
+        "--encoder-precision", "float32", *extra,  # the in-process reference is float32 on every CPU
     ]  # fmt: skip
 
 
