@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
+import sysconfig
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -46,6 +48,10 @@ def _source_hash() -> str:
 @functools.cache
 def _build() -> ModuleType | None:
     """The compiled extension, or None (with one warning) where it cannot be built here."""
+    if (
+        shutil.which("ninja") is None
+    ):  # the pip-installed ninja sits beside this interpreter, maybe not on PATH
+        os.environ["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")])
     try:
         from torch.utils.cpp_extension import load
 
