@@ -141,10 +141,10 @@ def network_from_official(params: dict, where: str) -> NetworkConfig:
     _require(
         params.get("attn_type", "vanilla") in ("vanilla", "vanilla-xformers"), True, f"{where}.attn_type"
     )
-    in_channels, out_ch = int(get("in_channels")), int(get("out_ch"))
-    _require(out_ch, in_channels, f"{where}.out_ch")
-    ch_mult = tuple(int(m) for m in get("ch_mult"))
+    _require(get("out_ch"), get("in_channels"), f"{where}.out_ch")
     try:
+        in_channels = int(get("in_channels"))
+        ch_mult = tuple(int(m) for m in get("ch_mult"))
         return NetworkConfig(
             ch=int(get("ch")),
             ch_mult=ch_mult,
@@ -155,6 +155,8 @@ def network_from_official(params: dict, where: str) -> NetworkConfig:
             dropout=float(params.get("dropout", 0.0)),
             in_channels=in_channels,
         )
+    except CheckpointError:
+        raise
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"config: {where}: {e}") from None
 
@@ -169,8 +171,8 @@ def _regularizer(reg: dict, z_channels: int, where: str) -> tuple[QuantizerConfi
         _require(params.get("format", "bchw"), "bchw", f"{where}.params.format")
     elif target == REGULARIZER2:
         layout, dim_key, size_key = "contiguous", "dim", "codebook_size"
-        known = {"dim", "codebook_size", "dim_idx", "logvar_range", "tolerance", "lam_factor", "seed", "beta"}
-        known |= {"use_ste"}
+        known = {"dim", "codebook_size", "dim_idx", "logvar_range", "tolerance", "lam_factor", "seed", "beta",
+                 "use_ste"}  # fmt: skip
         _require(params.get("dim_idx", 1), 1, f"{where}.params.dim_idx")
     else:
         raise CheckpointError(
@@ -180,17 +182,13 @@ def _regularizer(reg: dict, z_channels: int, where: str) -> tuple[QuantizerConfi
     if unknown:
         raise CheckpointError(f"config: {where}.params.{unknown[0]}: a field this version does not know")
     _require(
-        [float(v) for v in params.get("logvar_range", LOGVAR_RANGE)],
-        list(LOGVAR_RANGE),
-        f"{where}.params.logvar_range",
+        params.get("logvar_range", list(LOGVAR_RANGE)), list(LOGVAR_RANGE), f"{where}.params.logvar_range"
     )
-    dim = int(params.get(dim_key, 1)) if dim_key == "group" else int(_get(params, dim_key, f"{where}.params"))
-    size = int(_get(params, size_key, f"{where}.params"))
-    if z_channels % dim:
-        raise CheckpointError(
-            f"config: z_channels {z_channels} do not split into groups of {dim} ({dim_key})"
-        )
     try:
+        dim = int(params.get(dim_key, 1) if dim_key == "group" else _get(params, dim_key, f"{where}.params"))
+        size = int(_get(params, size_key, f"{where}.params"))
+        if z_channels % dim:
+            raise ValueError(f"z_channels {z_channels} do not split into groups of {dim} ({dim_key})")
         spec = CodebookSpec(size=size, dim=dim, seed=int(params.get("seed", 42)), kind="sobol")
         quantizer = QuantizerConfig(
             spec,
@@ -199,6 +197,8 @@ def _regularizer(reg: dict, z_channels: int, where: str) -> tuple[QuantizerConfi
             rule="posterior",
             beta=float(params.get("beta", 1.0)),
         )
+    except CheckpointError:
+        raise
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"config: {where}.params: {e}") from None
     tdc = {"tolerance": float(params.get("tolerance", 0.5)), "factor": float(params.get("lam_factor", 1.01))}
