@@ -459,8 +459,8 @@ def to_official_config(model: GQVAE, resolution: int | None = None) -> dict:
 def save_official(model: GQVAE, checkpoint: str, config: str, resolution: int | None = None) -> None:
     """Write an official-format `.ckpt` (Lightning layout, `state_dict` only) and its YAML."""
     yaml_text = yaml.safe_dump(to_official_config(model, resolution), sort_keys=False)
-    steps = model.provenance.get("steps", 0)
-    payload = {"epoch": 0, "global_step": int(steps or 0), "state_dict": to_official_state(model)}
+    steps = int(model.provenance.get("steps") or 0)
+    payload = {"epoch": 0, "global_step": steps, "state_dict": to_official_state(model)}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     write_atomic(checkpoint, buffer.getvalue())

@@ -187,9 +187,6 @@ def plan(settings: JobSettings) -> tuple[list[str], dict]:
         raise ValueError(f"shards with the same name would write the same token file: {clashes[:5]}")
     opts = settings.options
     model = gq.describe(settings.checkpoint)
-    f = model.config.network.downsample
-    if opts.image_size % f:
-        raise ValueError(f"--image-size must be a multiple of {f}, got {opts.image_size}")
     provenance = Provenance(model, settings.checkpoint, opts.image_size, opts.preprocessing())
     run = provenance.run_record() | {
         "input": settings.input,

@@ -138,9 +138,6 @@ class ShardTokenizer:
         self.provenance = Provenance(
             self.model.identity, checkpoint, self.options.image_size, self.options.preprocessing()
         )
-        f = self.model.downsample
-        if self.options.image_size % f:
-            raise ValueError(f"--image-size must be a multiple of {f}, got {self.options.image_size}")
 
     @property
     def tokens_per_image(self) -> int:
@@ -237,7 +234,7 @@ class ShardTokenizer:
         result = self.tokenize_shard(url, progress)
         t = time.perf_counter()
         size = self.model.config.quantizer.codebook.size
-        meta = self.provenance.file_metadata()
+        meta = self.file_metadata()
         table = token_table(
             result.keys, result.stem, result.indices, result.labels, result.tokens, size, meta
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import fsspec
@@ -38,6 +39,11 @@ class Provenance:
     checkpoint: str  # the path or URL the job was given
     image_size: int
     preprocessing: dict  # TokenizeOptions.preprocessing()
+
+    def __post_init__(self) -> None:
+        f = self.model.config.network.downsample
+        if self.image_size % f:
+            raise ValueError(f"--image-size must be a multiple of {f}, got {self.image_size}")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -109,10 +115,7 @@ class CommitRecord:
 
 
 def _by_reason(items: list[dict]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item["reason"]] = counts.get(item["reason"], 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(Counter(item["reason"] for item in items).items()))
 
 
 class RunMismatch(ValueError):
