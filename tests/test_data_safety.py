@@ -17,8 +17,9 @@ from jobs import tokenize
 from pipeline.data import stages as stages_module
 from pipeline.data.samples import MEMBER_TOO_LARGE, TAR_TRUNCATED, ShardUnreadable, iter_samples
 from pipeline.data.shard_writer import write_shard
-from pipeline.tokenize.driver import JobSettings, JobSummary, plan, prepare_output
+from pipeline.tokenize.driver import JobSettings, plan, prepare_output
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
+from pipeline.tokenize.summary import JobSummary
 from pipeline.tokens.records import manifest_url, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,6 @@ images encoded (reported as they are, inside shards), images/s, ETA and samples 
 
 from __future__ import annotations
 
-import contextlib
 import posixpath
 import sys
 import time
@@ -23,10 +22,11 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 import gq
-from pipeline.data.samples import TAR_TRUNCATED, ShardUnreadable
+from pipeline.data.samples import ShardUnreadable
 from pipeline.data.shards import expand_shards, identity_mismatch, shard_identity, shard_stem
-from pipeline.tokenize.actor import ProgressCounter, tokenizer_actor
+from pipeline.tokenize.pool import ActorPool, actor_resources
 from pipeline.tokenize.processor import TokenizeOptions
+from pipeline.tokenize.summary import JobSummary
 from pipeline.tokens.records import (
     Provenance,
     check_run,
@@ -39,7 +39,6 @@ from pipeline.tokens.records import (
 )
 
 ON_EXISTING = ("skip", "overwrite")
-SHARDS_IN_FLIGHT_PER_ACTOR = 2  # one running, one queued on the actor: no idle gap between shards
 
 
 @dataclass(frozen=True)
@@ -57,62 +56,6 @@ class JobSettings:
     allow_nonempty_output: bool = False  # write into a DIR that holds files but no run record of ours
     retries: int = 3  # attempts per shard after the first, across actor deaths and errors
     progress: bool = True  # live progress bar on stderr
-
-
-@dataclass
-class JobSummary:
-    shards_total: int = 0
-    committed_before: int = 0
-    committed_now: int = 0
-    failed: dict[str, str] = field(default_factory=dict)  # stem -> last error
-    rows: int = 0
-    encoded: int = 0  # images encoded as reported while shards run (retried shards count again)
-    skipped: Counter = field(default_factory=Counter)  # reason -> samples without a row, this run's shards
-    notes: Counter = field(default_factory=Counter)  # reason -> notes on rows, this run's shards
-    truncated_shards: dict[str, str] = field(default_factory=dict)  # stem -> where it was cut
-    retried: int = 0
-    actor_restarts: int = 0
-    seconds: float = 0.0
-    startup_seconds: float = 0.0  # until every actor had loaded its model
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed else 0
-
-    def add(self, record: dict) -> None:
-        """Count a shard's commit record."""
-        self.committed_now += 1
-        self.rows += record["rows"]
-        self.skipped.update(record["skipped_by_reason"])
-        self.notes.update(record.get("notes_by_reason", {}))
-        if record["tar_truncated"]:
-            events = [e["detail"] for e in record.get("shard_events", [])]
-            cut = [s["detail"] for s in record["skipped"] if s["reason"] == TAR_TRUNCATED]
-            self.truncated_shards[record["stem"]] = (events + cut + [""])[0]
-
-    def format(self) -> str:
-        rate = self.rows / self.seconds if self.seconds > 0 else 0.0
-        lines = [
-            f"shards: {self.committed_before + self.committed_now}/{self.shards_total} committed "
-            f"({self.committed_before} before this run, {self.committed_now} now, {len(self.failed)} failed)",
-            f"images: {self.rows} tokenized in {self.seconds:.1f} s ({rate:.1f} images/s)",
-            f"samples skipped: {sum(self.skipped.values())}{_by_reason(self.skipped)}",
-        ]
-        if self.notes:
-            lines.append(f"notes on kept rows: {sum(self.notes.values())}{_by_reason(self.notes)}")
-        for stem, where in self.truncated_shards.items():
-            lines.append(f"TRUNCATED {stem}: samples after the cut are lost ({where})")
-        if self.retried or self.actor_restarts:
-            lines.append(f"retries: {self.retried} shard attempts, {self.actor_restarts} actors replaced")
-        for stem, err in self.failed.items():
-            lines.append(
-                f"FAILED {stem}: not committed, its samples are not in the output; rerun to retry ({err})"
-            )
-        return "\n".join(lines)
-
-
-def _by_reason(counts: Counter) -> str:
-    return f" ({', '.join(f'{r}: {n}' for r, n in sorted(counts.items()))})" if counts else ""
 
 
 def check_exist(shards: list[str]) -> None:
@@ -214,95 +157,76 @@ def run_job(settings: JobSettings, shards: list[str], run: dict) -> JobSummary:
     done = committed_stems(settings.output)
     todo = deque(s for s in shards if shard_stem(s) not in done)
     summary.committed_before = len(shards) - len(todo)
-    if not todo:
-        summary.seconds = time.perf_counter() - t0
-        return summary
+    if todo:
+        cpus = actor_resources(settings.actors, settings.cpus_per_actor, settings.gpus_per_actor)
+        pool = ActorPool(
+            min(settings.actors, len(todo)), settings.checkpoint, settings.options, settings.output,
+            run["model_sha256"], cpus, settings.gpus_per_actor,
+        )  # fmt: skip
+        bar = progress_bar(settings.progress, len(shards), summary.committed_before)
+        try:
+            _drain(pool, todo, settings.retries, summary, bar, t0)
+        finally:
+            bar.close()
+            pool.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
 
-    gpus = settings.gpus_per_actor
-    cpus = settings.cpus_per_actor
-    if cpus is None:
-        cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
-        cpus = 1.0 if gpus > 0 else max(1.0, float(int(cluster_cpus // settings.actors)))
-    actor_cls = tokenizer_actor(cpus, gpus)
-    device = "cuda" if gpus > 0 else "cpu"
-    n_actors = min(settings.actors, len(todo))
 
-    # Actors report images as they encode them, so that progress moves inside a long shard too.
-    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+def progress_bar(enabled: bool, total: int, initial: int) -> tqdm:
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="shard",
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
+    )
 
-    def new_actor():
-        return actor_cls.remote(
-            settings.checkpoint, settings.options, device, max(1, int(cpus)), run["model_sha256"], counter
-        )
 
-    actors = [new_actor() for _ in range(n_actors)]
-    inflight: dict = {}  # ObjectRef -> (slot, actor handle, url)
+def _drain(pool: ActorPool, todo: deque, retries: int, summary: JobSummary, bar: tqdm, t0: float) -> None:
+    """Run shards until none is queued or in flight; a failed attempt goes back to the front of the queue
+    up to `retries` times, except an unreadable shard, which fails at once (its bytes will not change)."""
     attempts: Counter = Counter()
-
-    def feed(slot: int) -> None:
-        while todo and sum(1 for s, _, _ in inflight.values() if s == slot) < SHARDS_IN_FLIGHT_PER_ACTOR:
-            url = todo.popleft()
-            inflight[actors[slot].process.remote(url, settings.output)] = (slot, actors[slot], url)
 
     def retry(url: str, err: str) -> None:
         attempts[url] += 1
-        if attempts[url] > settings.retries:
+        if attempts[url] > retries:
             summary.failed[shard_stem(url)] = err
         else:
             summary.retried += 1
             todo.appendleft(url)
 
-    bar = tqdm(
-        total=len(shards),
-        initial=summary.committed_before,
-        unit="shard",
-        disable=not settings.progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        mininterval=0.5 if sys.stderr.isatty() else 10.0,
-    )
-    try:
-        with contextlib.suppress(RayActorError):  # an actor that cannot start fails its shards below
-            ray.get([a.pid.remote() for a in actors])  # the actors are up, their models loaded
-        summary.startup_seconds = time.perf_counter() - t0
-        for slot in range(n_actors):
-            feed(slot)
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-            for ref in ready:
-                slot, handle, url = inflight.pop(ref)
-                try:
-                    record = ray.get(ref)
-                except RayActorError as e:
-                    # The actor (or its node) died: every shard it held comes back here; replace it once.
-                    if actors[slot] is handle:
-                        ray.kill(handle, no_restart=True)
-                        actors[slot] = new_actor()
-                        summary.actor_restarts += 1
-                    retry(url, f"actor died: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                except RayTaskError as e:
-                    cause = e.cause if getattr(e, "cause", None) is not None else e
-                    error = f"{type(cause).__name__}: {str(cause).splitlines()[-1][:300]}"
-                    if isinstance(cause, ShardUnreadable):  # the bytes are bad: the next run retries it
-                        summary.failed[shard_stem(url)] = error
-                    else:
-                        retry(url, error)
+    pool.wait_ready()
+    summary.startup_seconds = time.perf_counter() - t0
+    for slot in range(len(pool.actors)):
+        pool.feed(slot, todo)
+    while pool.inflight:
+        for attempt in pool.finished():
+            try:
+                record = ray.get(attempt.ref)
+            except RayActorError as e:  # the actor or its node died: each shard it held comes back here
+                pool.replace(attempt)
+                retry(attempt.url, f"actor died: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            except RayTaskError as e:
+                cause = e.cause if getattr(e, "cause", None) is not None else e
+                error = f"{type(cause).__name__}: {str(cause).splitlines()[-1][:300]}"
+                if isinstance(cause, ShardUnreadable):
+                    summary.failed[shard_stem(attempt.url)] = error
                 else:
-                    summary.add(record)
-                    bar.update(1)
-                feed(slot)
-            summary.encoded = ray.get(counter.value.remote())
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(
-                images=summary.encoded,
-                img_s=f"{summary.encoded / max(elapsed, 1e-9):.1f}",
-                skipped=sum(summary.skipped.values()),
-                failed=len(summary.failed),
-                refresh=False,
-            )
-    finally:
-        bar.close()
-        for a in [*actors, counter]:
-            ray.kill(a, no_restart=True)
-    summary.seconds = time.perf_counter() - t0
-    return summary
+                    retry(attempt.url, error)
+            else:
+                summary.add(record)
+                bar.update(1)
+            pool.feed(attempt.slot, todo)
+        summary.encoded = pool.images()
+        summary.actor_restarts = pool.restarts
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(
+            images=summary.encoded,
+            img_s=f"{summary.encoded / max(elapsed, 1e-9):.1f}",
+            skipped=sum(summary.skipped.values()),
+            failed=len(summary.failed),
+            refresh=False,
+        )

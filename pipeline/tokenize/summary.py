@@ -1,0 +1,64 @@
+"""What a tokenize run did: shards committed and failed, rows, skips by reason, retries; its exit code."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pipeline.data.samples import TAR_TRUNCATED
+
+
+@dataclass
+class JobSummary:
+    shards_total: int = 0
+    committed_before: int = 0
+    committed_now: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # stem -> last error
+    rows: int = 0
+    encoded: int = 0  # images encoded as reported while shards run (retried shards count again)
+    skipped: Counter = field(default_factory=Counter)  # reason -> samples without a row, this run's shards
+    notes: Counter = field(default_factory=Counter)  # reason -> notes on rows, this run's shards
+    truncated_shards: dict[str, str] = field(default_factory=dict)  # stem -> where it was cut
+    retried: int = 0
+    actor_restarts: int = 0
+    seconds: float = 0.0
+    startup_seconds: float = 0.0  # until every actor had loaded its model
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def add(self, record: dict) -> None:
+        """Count a shard's commit record."""
+        self.committed_now += 1
+        self.rows += record["rows"]
+        self.skipped.update(record["skipped_by_reason"])
+        self.notes.update(record.get("notes_by_reason", {}))
+        if record["tar_truncated"]:
+            events = [e["detail"] for e in record.get("shard_events", [])]
+            cut = [s["detail"] for s in record["skipped"] if s["reason"] == TAR_TRUNCATED]
+            self.truncated_shards[record["stem"]] = (events + cut + [""])[0]
+
+    def format(self) -> str:
+        rate = self.rows / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"shards: {self.committed_before + self.committed_now}/{self.shards_total} committed "
+            f"({self.committed_before} before this run, {self.committed_now} now, {len(self.failed)} failed)",
+            f"images: {self.rows} tokenized in {self.seconds:.1f} s ({rate:.1f} images/s)",
+            f"samples skipped: {sum(self.skipped.values())}{_by_reason(self.skipped)}",
+        ]
+        if self.notes:
+            lines.append(f"notes on kept rows: {sum(self.notes.values())}{_by_reason(self.notes)}")
+        for stem, where in self.truncated_shards.items():
+            lines.append(f"TRUNCATED {stem}: samples after the cut are lost ({where})")
+        if self.retried or self.actor_restarts:
+            lines.append(f"retries: {self.retried} shard attempts, {self.actor_restarts} actors replaced")
+        for stem, err in self.failed.items():
+            lines.append(
+                f"FAILED {stem}: not committed, its samples are not in the output; rerun to retry ({err})"
+            )
+        return "\n".join(lines)
+
+
+def _by_reason(counts: Counter) -> str:
+    return f" ({', '.join(f'{r}: {n}' for r, n in sorted(counts.items()))})" if counts else ""
