@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.shard_writer import write_shard  # noqa: E402
 from pipeline.train.config import TrainSettings  # noqa: E402
-from pipeline.train.loop import run_training  # noqa: E402
+from pipeline.train.run import run_training  # noqa: E402
 
 
 def synthetic_jpeg(seed: int, height: int = 96, width: int = 128) -> bytes:
@@ -63,7 +63,7 @@ def make_data(root: Path, shards: int, per_shard: int) -> str:
 
 
 def measure(data: str, out: Path, workers: int, threads: int, args: argparse.Namespace) -> dict:
-    settings = TrainSettings(
+    settings = TrainSettings.of(
         preset="small-f8c16",
         data=data,
         output=str(out),

@@ -22,29 +22,25 @@ import sys
 import traceback
 
 import gq
-from gq.losses import LossConfig
 from gq.tdc import MODES
-from pipeline.cli import add_dataclass_arguments, dataclass_from_args
-from pipeline.data.shards import expand_shards
+from pipeline.cli import add_config_arguments, config_from_args
 from pipeline.train.config import TrainSettings
-from pipeline.train.loop import export_finished, run_training
+from pipeline.train.run import export_finished, input_shards, run_training
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainSettings]:
-    """Every TrainSettings and LossConfig field as an option, its help the field's documentation."""
+    """Every field of TrainSettings and of its components as an option, its help the field's documentation."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_arguments(
+    add_config_arguments(
         p,
         TrainSettings,
-        skip=("loss",),
         preset={"choices": sorted(gq.PRESETS)},
         bpp={"choices": sorted(gq.OPERATING_POINTS)},
         kl_mode={"choices": MODES},
     )
-    add_dataclass_arguments(p.add_argument_group("losses"), LossConfig)
     args = p.parse_args(argv)
     try:
-        settings = dataclass_from_args(TrainSettings, args, loss=dataclass_from_args(LossConfig, args))
+        settings = config_from_args(TrainSettings, args)
     except ValueError as e:
         p.error(str(e))
     if args.perceptual_weights and not os.path.isfile(args.perceptual_weights):
@@ -52,27 +48,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
     return args, settings
 
 
-def check_data(settings: TrainSettings) -> str | None:
-    """Why the shard arguments cannot be used, or None."""
-    try:
-        shards = expand_shards(settings.data)
-        if settings.val_data:
-            expand_shards(settings.val_data)
-    except (ValueError, OSError) as e:
-        return str(e)
-    if len(shards) < settings.workers:
-        return f"{len(shards)} training shards for {settings.workers} workers: every worker needs one"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     _, settings = parse_args(argv)
     try:
         result = export_finished(settings)  # a finished run: re-export only, no Ray
         if result is None:
-            problem = check_data(settings)
-            if problem:
-                print(f"train_vae: error: {problem}", file=sys.stderr)
+            try:
+                input_shards(settings)  # before Ray starts: a bad pattern is exit 2, not a failed run
+            except (ValueError, OSError) as e:
+                print(f"train_vae: error: {e}", file=sys.stderr)
                 return 2
             with startup.ray_session(include_dashboard=None):  # Ray's default: Ray Train reports there
                 result = run_training(settings)

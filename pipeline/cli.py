@@ -8,6 +8,7 @@ import ast
 import dataclasses
 import inspect
 import textwrap
+import typing
 from typing import Any
 
 _TYPES = {"int": int, "float": float, "str": str}
@@ -53,3 +54,25 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **given: Any) -> An
     """`cls` built from the parsed options of its fields, `given` ones taking precedence."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return cls(**(values | given))
+
+
+def components(cls: type) -> dict[str, type]:
+    """The fields of `cls` whose type is itself a dataclass: name -> that class."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, **overrides: dict) -> None:
+    """Options for the plain fields of `cls` and, in an argument group titled by its docstring, for the
+    fields of each component dataclass; option names are the field names, so they must not repeat."""
+    parts = components(cls)
+    add_dataclass_arguments(parser, cls, skip=tuple(parts), **overrides)
+    for name, kind in parts.items():
+        group = parser.add_argument_group(name, (kind.__doc__ or "").strip().splitlines()[0])
+        add_dataclass_arguments(group, kind, **overrides)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """`cls` built from options added by `add_config_arguments`, each component from its own fields."""
+    parts = {name: dataclass_from_args(kind, args) for name, kind in components(cls).items()}
+    return dataclass_from_args(cls, args, **parts)

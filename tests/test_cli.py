@@ -7,7 +7,7 @@ import pytest
 
 from gq.losses import LossConfig
 from jobs import train_vae
-from pipeline.cli import add_dataclass_arguments, field_docs
+from pipeline.cli import add_config_arguments, components, field_docs
 from pipeline.train.config import TrainSettings
 
 
@@ -16,23 +16,47 @@ def test_train_vae_options_are_the_settings_fields():
         ["--preset", "small-f8c16", "--data", "d/*.tar", "--output", "out", "--bpp", "1.0", "--gpu",
          "--no-keep-step-exports", "--disc-start", "7", "--disc-lr", "3e-5", "--val-data", "v.tar"]
     )  # fmt: skip
-    expected = TrainSettings(
+    expected = TrainSettings.of(
         preset="small-f8c16", data="d/*.tar", output="out", bpp=1.0, gpu=True, keep_step_exports=False,
         val_data="v.tar", loss=LossConfig(disc_start=7, disc_lr=3e-5),
     )  # fmt: skip
     assert s == expected
     defaults = train_vae.parse_args(["--preset", "paper-f8c16", "--data", "x", "--output", "o"])[1]
-    assert defaults == TrainSettings(preset="paper-f8c16", data="x", output="o")
+    assert defaults == TrainSettings.of(preset="paper-f8c16", data="x", output="o")
     with pytest.raises(SystemExit):
         train_vae.parse_args(["--preset", "small-f8c16", "--data", "x", "--output", "o", "--bpp", "0.3"])
 
 
 def test_help_is_each_fields_documentation():
     parser = argparse.ArgumentParser()
-    add_dataclass_arguments(parser, TrainSettings, skip=("loss",))
+    add_config_arguments(parser, TrainSettings)
     helps = {a.dest: a.help for a in parser._actions if a.dest != "help"}
-    names = {f.name for f in dataclasses.fields(TrainSettings)} - {"loss"}
-    assert set(helps) == names
+    parts = components(TrainSettings)
+    assert set(parts) == {"model", "inputs", "optim", "loss", "scaling", "schedule"}
     docs = field_docs(TrainSettings)
+    names = {f.name for f in dataclasses.fields(TrainSettings)} - set(parts)
+    for kind in parts.values():
+        docs |= field_docs(kind)
+        names |= {f.name for f in dataclasses.fields(kind)}
+    assert set(helps) == names  # every field of every component is an option, none twice
     assert helps["max_failures"] == docs["max_failures"] and "Ray Train" in helps["max_failures"]
     assert all(helps[n] for n in names)  # every field is documented
+
+
+def test_flat_records_of_older_runs_read_as_components():
+    """run.json and checkpoints written before the components held the 24 settings flat."""
+    flat = {
+        "preset": "small-f8c16", "data": "d", "output": "o", "val_data": None, "bpp": 0.5, "workers": 2,
+        "gpu": False, "cpus_per_worker": 1, "max_steps": 30, "batch_size": 4, "lr": 2e-4, "image_size": 64,
+        "kl_mode": "tdc", "kl_weight": 1.0, "loss": LossConfig(disc_start=7).to_dict(),
+        "checkpoint_every": 10, "keep_checkpoints": 2, "max_failures": 1, "val_every": 1000,
+        "val_images": 256, "log_every": 10, "keep_step_exports": True, "decode_threads": 2, "seed": 3,
+    }  # fmt: skip
+    s = TrainSettings.from_dict(flat)
+    assert (s.model.bpp, s.inputs.batch_size, s.optim.lr, s.scaling.workers, s.schedule.checkpoint_every) == (
+        0.5, 4, 2e-4, 2, 10,
+    )  # fmt: skip
+    assert s.loss.disc_start == 7 and s.seed == 3 and s.scaling.max_failures == 1
+    assert TrainSettings.from_dict(s.to_dict()) == s
+    with pytest.raises(ValueError, match="unknown"):
+        TrainSettings.from_dict(flat | {"no_such_setting": 1})

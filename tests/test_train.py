@@ -32,7 +32,7 @@ from pipeline.train.checkpoint import (
 )
 from pipeline.train.config import TrainSettings
 from pipeline.train.data import DataPosition, TrainBatches, worker_shards
-from pipeline.train.loop import EXPERIMENT
+from pipeline.train.run import EXPERIMENT
 from pipeline.train.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,18 +189,18 @@ def test_usable_ray_snapshot_is_left_to_ray(tmp_path):
 
 
 def test_settings_round_trip_and_validation():
-    s = TrainSettings(preset="small-f8c16", data="d", output="o", image_size=64)
+    s = TrainSettings.of(preset="small-f8c16", data="d", output="o", image_size=64)
     assert TrainSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     for bad in ({"image_size": 60}, {"preset": "nope"}, {"bpp": 2.0}, {"kl_mode": "x"}, {"workers": 0}):
         with pytest.raises(ValueError):
-            TrainSettings(**({"preset": "small-f8c16", "data": "d", "output": "o"} | bad))
+            TrainSettings.of(**({"preset": "small-f8c16", "data": "d", "output": "o"} | bad))
 
 
 def test_validation_metrics_match_the_model_api():
     torch.manual_seed(0)
     model = gq.GQVAE(gq.model_config("small-f8c16", 0.5))
     images = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8)
-    s = TrainSettings(preset="small-f8c16", data="d", output="o", bpp=0.5, image_size=64, batch_size=2)
+    s = TrainSettings.of(preset="small-f8c16", data="d", output="o", bpp=0.5, image_size=64, batch_size=2)
     val = validate(model, images, s)
     with torch.no_grad():
         tokens = model.tokenize(images)

@@ -170,6 +170,12 @@ def export(model: gq.GQVAE, out: Path, state: dict, provenance: dict, keep_step:
         gq.save(model, str(out / f"model-step{state['step']}.safetensors"), provenance)
 
 
+def reexport(model: gq.GQVAE, out: Path, state: dict, provenance: dict) -> None:
+    """A run already at max_steps: write DIR/model.safetensors again from its final checkpoint."""
+    export(model, out, state, provenance, keep_step=False)
+    say(f"[gq-train] {out} is already trained to step {state['step']}; re-exported model.safetensors")
+
+
 def say(text: str) -> None:
     """One console line. Not `print`: Ray Train V2 patches print in workers and shows each line twice."""
     sys.stdout.write(text + "\n")

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
 def load_val_images(val_shards: list[str], s: TrainSettings) -> torch.Tensor | None:
     """The first `val_images` decodable validation images, center-cropped, uint8 (N, S, S, 3)."""
-    decode = partial(decode_sample, image_size=s.image_size)
+    decode = partial(decode_sample, image_size=s.inputs.image_size)
     items = (d for url in val_shards for d in decoded(shard_samples(url), decode, threads=0))
-    images = list(islice((d.image for d in items if isinstance(d, Decoded)), s.val_images))
+    images = list(islice((d.image for d in items if isinstance(d, Decoded)), s.inputs.val_images))
     return torch.from_numpy(np.stack(images)) if images else None
 
 
@@ -31,8 +31,8 @@ def load_val_images(val_shards: list[str], s: TrainSettings) -> torch.Tensor | N
 def validate(model: gq.GQVAE, images: torch.Tensor, s: TrainSettings) -> dict:
     """PSNR of the continuous (decode mu) and GQ-quantized reconstructions, codebook usage, KL spread."""
     continuous, quantized, tokens, kappa = [], [], [], []
-    for i in range(0, len(images), s.batch_size):
-        x = images[i : i + s.batch_size]
+    for i in range(0, len(images), s.inputs.batch_size):
+        x = images[i : i + s.inputs.batch_size]
         mu, logvar = model.encode(x)
         recon = model.decode(mu).clamp_(-1.0, 1.0)  # = model.reconstruct(x)
         t = model.quantizer.quantize(mu, logvar)  # = model.tokenize(x)
