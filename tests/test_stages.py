@@ -8,7 +8,7 @@ import pytest
 from pipeline.data.decode import Decoded
 from pipeline.data.samples import SHARD_UNREADABLE, Sample, Skip
 from pipeline.data.shard_writer import write_shard
-from pipeline.data.stages import batched, decoded, shard_samples
+from pipeline.data.stages import batched, decoded, first_rows, shard_samples
 
 
 def fake_decode(sample: Sample) -> Decoded | Skip:
@@ -52,6 +52,22 @@ def _opener(data: bytes | None):
         return contextlib.nullcontext(io.BytesIO(data))
 
     return opener
+
+
+def test_first_rows_stops_at_the_nth_row_and_reads_nothing_after_it():
+    out = list(decoded(iter(ITEMS), fake_decode, threads=0))
+    read = []
+
+    def source():
+        for item in out:
+            read.append(item)
+            yield item
+
+    assert [o.key for o in first_rows(source(), 2)] == ["a", "dup", "bad1", "b"]  # the skip after b: not read
+    assert read == out[:4]
+    assert list(first_rows(iter(out), None)) == out
+    assert list(first_rows(iter(out), 0)) == []
+    assert [o.key for o in first_rows(iter(out), 9)] == [o.key for o in out]
 
 
 def test_shard_samples_error_policy_is_an_argument(tmp_path):

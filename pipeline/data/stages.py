@@ -85,6 +85,22 @@ def batched(items: Iterable[T], n: int, row: Callable[[T], bool] = is_row) -> It
         yield batch
 
 
+def first_rows(items: Iterable[T], n: int | None, row: Callable[[T], bool] = is_row) -> Iterator[T]:
+    """The items up to the `n`-th row item (all of them for None): nothing after it is read, so no skip
+    found past the limit is reported."""
+    if n is None:
+        yield from items
+        return
+    if n <= 0:
+        return
+    rows = 0
+    for item in items:
+        yield item
+        rows += row(item)
+        if rows >= n:
+            return
+
+
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, window: int) -> Iterator[R]:
     """Yield fn(item) in input order; at most `window` items are read and not yet consumed (bounded memory).
 

@@ -22,7 +22,7 @@ import gq
 from gq.evaluation import Evaluator
 from pipeline.data.decode import DEFAULT_LIMITS, Decoded, DecodeLimits, decode_sample
 from pipeline.data.samples import SHARD_UNREADABLE, Skip
-from pipeline.data.stages import batched, decoded, is_row, shard_samples
+from pipeline.data.stages import batched, decoded, first_rows, is_row, shard_samples
 from pipeline.evaluate import plots
 from pipeline.io import join
 
@@ -66,27 +66,22 @@ def evaluate_shards(
     ev, limit = run.evaluator, settings.limit
     decode = partial(decode_sample, image_size=settings.image_size, limits=settings.limits)
 
-    def full() -> bool:
-        return limit is not None and ev.images >= limit
-
     def shard_items(url: str) -> Iterator[tuple[str, Decoded | Skip]]:  # the shard, for the report
         samples = shard_samples(url, max_member_bytes=settings.limits.max_member_bytes, on_error="skip")
         for item in decoded(samples, decode, settings.decode_threads):
             yield url, item
 
-    items = chain.from_iterable(shard_items(url) for url in progress(shards))
+    is_pair_row = lambda pair: is_row(pair[1])  # noqa: E731
+    items = first_rows(chain.from_iterable(shard_items(url) for url in progress(shards)), limit, is_pair_row)
     # batches run across shards, so that the model sees the same batches whatever the shard sizes
-    for out in batched(items, settings.batch_size, row=lambda pair: is_row(pair[1])):
-        if full():
-            break
+    for out in batched(items, settings.batch_size, row=is_pair_row):
         if isinstance(out, tuple):
             url, skip = out
             run.skipped.append({"shard": url, **asdict(skip)})
             if skip.reason == SHARD_UNREADABLE:  # the report says so and the job exits 1
                 run.unreadable.append(url)
             continue
-        images = [d.image for _, d in out][: None if limit is None else limit - ev.images]
-        ev.update(torch.from_numpy(np.stack(images)))
+        ev.update(torch.from_numpy(np.stack([d.image for _, d in out])))
     run.seconds = time.perf_counter() - t0
     return run
 
