@@ -405,6 +405,11 @@ def _looks_cut(data: bytes, kind: str | None) -> bool:
     return False
 
 
+def image_format(data: bytes) -> str | None:
+    """The image format named by the leading magic bytes ("JPEG", "PNG", ...), or None."""
+    return _sniff(data)
+
+
 def _sniff(data: bytes) -> str | None:
     """The image format named by the leading magic bytes, or None."""
     head = data[:32]
