@@ -26,7 +26,8 @@ from pipeline.data.decode import IMAGE_EXTENSIONS
 
 # Reasons a file of the listing gives no sample (the tar-side reasons are in decode.py and samples.py).
 NOT_LISTED = "not in the labels file"
-OUTSIDE_CLASSES = "outside the class folders"
+OUTSIDE_CLASSES = "outside the class folders"  # a file beside the class folders
+IN_SUBFOLDER = "in a subfolder of a flat folder"  # with --labels the folder is flat
 BAD_LIST_LINE = "bad list line"
 LAYOUTS = ("class folders", "flat folder", "list file")
 
@@ -86,8 +87,9 @@ def list_image_folder(source: str, labels: str | None = None) -> FolderListing:
     names = _read_labels(labels) if labels is not None else None
     keys = _KeyMaker()
     for path, rel in zip(files, relative, strict=True):
-        if "/" in rel:
-            continue  # a flat folder's images are the files directly in it
+        if "/" in rel:  # a flat folder's images are the files directly in it
+            listing.skipped.append({"file": url(path), "reason": IN_SUBFOLDER, "detail": rel})
+            continue
         label = None
         if names is not None:
             stem = posixpath.splitext(rel)[0]

@@ -200,6 +200,7 @@ class ShardTokenizer:
             item = batch[pending[j]]
             out = decode_sample(item.sample, image_size=opts.image_size, limits=opts.limits)
             if isinstance(out, Decoded):
+                out.extras, out.notes = item.extras, item.notes  # kept members, and their notes
                 batch[pending[j]] = out
             else:
                 skipped.append(asdict(out))
