@@ -19,6 +19,7 @@ from PIL import Image
 from processes import kill_marked
 from shardmaker import jpeg_bytes, photo_like, real_jpegs
 
+from jobs import make_shards
 from pipeline.data.shard_writer import write_shard
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 
@@ -62,9 +63,10 @@ def make_inputs(root: Path) -> dict:
     return {"train": train, "val": val, "laion": samples}
 
 
-def run_commands(root: Path) -> None:
-    """Each command of the bash block, `python` being this interpreter; tokenize runs get float32 (the
-    in-process reference is float32 on every CPU) and no progress bar."""
+def run_commands(root: Path, monkeypatch) -> None:
+    """Each command of the bash block: make_shards through its main() here (a process costs seconds of
+    imports), tokenize as a process of this interpreter with float32 (the in-process reference is float32
+    on every CPU); no progress bars."""
     script = blocks("bash").replace("\\\n", " ")
     for line in script.splitlines():
         line = line.split("#", 1)[0].strip()
@@ -72,9 +74,18 @@ def run_commands(root: Path) -> None:
             continue
         argv = shlex.split(line)
         assert argv[0] == "python"
-        argv = [sys.executable, str(REPO / argv[1]), *argv[2:], "--no-progress"]
-        if "tokenize.py" in argv[1]:
-            argv += ["--encoder-precision", "float32"]
+        if argv[1] == "jobs/make_shards.py":
+            monkeypatch.chdir(root)
+            assert make_shards.main([*argv[2:], "--no-progress"]) == 0, line
+            continue
+        argv = [
+            sys.executable,
+            str(REPO / argv[1]),
+            *argv[2:],
+            "--no-progress",
+            "--encoder-precision",
+            "float32",
+        ]
         marker = uuid.uuid4().hex
         try:
             env = {**os.environ, "GQ_TEST_README": marker}
@@ -88,7 +99,7 @@ def run_commands(root: Path) -> None:
 
 def test_readme_folder_to_shards_to_tokens_with_labels_views_and_captions(tmp_path, monkeypatch):
     made = make_inputs(tmp_path)
-    run_commands(tmp_path)
+    run_commands(tmp_path, monkeypatch)
 
     classes = json.loads((tmp_path / "shards" / "train" / "classes.json").read_text())["classes"]
     assert classes == ["n01440764", "n01443537", "n02085620"]
@@ -116,3 +127,12 @@ def test_readme_folder_to_shards_to_tokens_with_labels_views_and_captions(tmp_pa
     assert namespace["caption"] == CAPTIONS[0] and namespace["tokens"].shape == (32 * 32,)
     item = namespace["item"]
     assert item["view"] in (0, 1) and item["label"] == made["train"][item["key"]][1]
+
+    # resuming tokens/train with other views or kept members is refused: one line, exit 2
+    for change in (["--views", "flip", "--keep", "txt"],):
+        argv = [sys.executable, str(REPO / "jobs/tokenize.py"), "--input", "shards/train", "--output",
+                "tokens/train", "--checkpoint", "model.safetensors", "--encoder-precision", "float32",
+                *change]  # fmt: skip
+        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "different run" in done.stderr and "'keep': ['txt']" in done.stderr
