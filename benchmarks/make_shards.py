@@ -3,7 +3,8 @@
 Run: `python benchmarks/make_shards.py --images '/tmp/devphotos/train/*.tar' [--count 2000]
 [--views-images 64]`.
 IMAGES are WebDataset shards (globs allowed; default: the bundled sample shard); their JPEGs are written
-as an ImageNet-style class-folder tree (class = the `.cls`), then:
+as an ImageNet-style class-folder tree (class = the `.cls`; when the shards hold fewer than --count
+JPEGs, they repeat under other names), then:
 
 1. make_shards packs the folder (samples of 1000, a fresh output each time; best of --repeat), against
    GNU `tar -cf` of the same folder in the same run (the floor: one sequential pass over the files);
@@ -49,7 +50,8 @@ def jpegs(patterns: list[str], count: int) -> list[tuple[bytes, int]]:
                         out.append((s.members["jpg"], int(s.members.get("cls", b"0"))))
                         if len(out) >= count:
                             return out
-    return out
+    # fewer JPEGs than asked: the folder repeats them under other names (the packing cost is per file)
+    return [out[i % len(out)] for i in range(count)] if out else out
 
 
 def cpu_name() -> str:
@@ -103,17 +105,21 @@ def main() -> None:
         }
         print(json.dumps(result["make_shards"]), flush=True)
 
+        if not args.views_images:
+            raise SystemExit(print(json.dumps(result, indent=1)))
         shard = work / "views-000000.tar"
         write_shard(
             str(shard),
             [{"__key__": f"{i:06d}", "jpg": d} for i, (d, _) in enumerate(images[: args.views_images])],
         )
+        warm = work / "warm-000000.tar"
+        write_shard(str(warm), [{"__key__": f"{i:06d}", "jpg": d} for i, (d, _) in enumerate(images[:8])])
         precision, _ = resolve_encoder_precision("auto", gpu=False, recorded=None)
         result["views"] = {"encoder_precision": precision, "image_size": args.image_size}
         for views in ("center", "flip", "tencrop"):
             opts = TokenizeOptions(image_size=args.image_size, views=views, encoder_precision=precision)
             worker = ShardTokenizer(str(DEMO), opts)
-            worker.tokenize_shard(str(shard))  # warm-up (one pass: threads, allocator)
+            worker.tokenize_shard(str(warm))  # warm-up: threads, allocator, kernels
             t = time.perf_counter()
             record = worker.process(str(shard), str(work / f"tok-{views}"))
             seconds = time.perf_counter() - t
