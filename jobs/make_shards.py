@@ -7,7 +7,8 @@
 Layouts: class folders (label = index of the sorted class folder names, written to DIR/classes.json), a
 flat folder (with --labels FILE of `name label` lines, ImageNet val style), or a list file of
 `path[,label]` lines. Image bytes are copied as they are. Shards are written atomically; a rerun
-completes what is missing and leaves finished shards alone. Exit status: 0 done, 2 bad arguments.
+completes what is missing and leaves finished shards alone. Exit status: 0 done, 1 an I/O error (the
+shards finished so far stay; run again to complete), 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = dataclass_from_args(ShardingSettings, args, progress=not args.no_progress)
     try:
         summary = make_shards(settings)
-    except (ValueError, OSError) as e:  # bad arguments, unreadable paths: one line, exit 2
+    except ValueError as e:  # bad arguments, another plan in DIR: one line, exit 2
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an unreadable folder, a failed write: the shards finished so far stay
+        print(f"make_shards: failed: {type(e).__name__}: {e} (run again to complete)", file=sys.stderr)
+        return 1
     print(summary.format(), flush=True)
     return 0
 
