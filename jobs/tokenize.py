@@ -19,6 +19,8 @@ import contextlib
 import sys
 
 from pipeline.data.decode import add_limit_arguments, limits_from_args
+from pipeline.data.extras import check_keep
+from pipeline.data.views import VIEW_SETS
 from pipeline.tokenize.driver import ON_EXISTING, JobSettings, plan, prepare_output, run_job
 from pipeline.tokenize.precision import CHOICES as PRECISIONS
 from pipeline.tokenize.precision import resolve_encoder_precision
@@ -46,6 +48,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     # preprocessing and bad input
     p.add_argument("--image-size", type=int, default=256, help="shorter side resized to this, center crop")
+    p.add_argument(
+        "--views",
+        choices=list(VIEW_SETS),
+        default="center",
+        help="rows per sample: center (1); flip: the center crop and its mirror (2); tencrop: 4 corners + "
+        "center of a 1.1x square, each also mirrored (10); a `view` column numbers them (LlamaGen's views)",
+    )
+    p.add_argument(
+        "--keep",
+        default="",
+        help="member extensions kept as columns, comma-separated (txt,json): .txt as a UTF-8 string, .json "
+        "as its JSON text, others as bytes; invalid UTF-8 or JSON gives null and a note",
+    )
     add_limit_arguments(p)
     # throughput and resources
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
@@ -87,15 +102,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--decode-threads, --retries, --gpus-per-actor must be >= 0 and --max-aspect >= 1")
     if args.jpeg_decoder == "nvjpeg" and args.gpus_per_actor == 0:
         p.error("--jpeg-decoder nvjpeg needs GPU actors (--gpus-per-actor > 0)")
+    if args.jpeg_decoder == "nvjpeg" and args.views != "center":
+        p.error("--views flip and tencrop crop on the CPU: use --jpeg-decoder pil or pil-draft")
+    try:
+        args.keep = check_keep(tuple(e for e in args.keep.split(",") if e.strip()))
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # resolved here, on the driver's CPU, so the run record pins a concrete precision
-    recorded = None
+    recorded_run = None
     with contextlib.suppress(OSError, ValueError):  # an unreadable DIR is reported by plan() below
-        recorded = ((read_run(args.output) or {}).get("preprocessing") or {}).get("encoder_precision")
+        recorded_run = (read_run(args.output) or {}).get("preprocessing") or {}
+    recorded = (recorded_run or {}).get("encoder_precision")
+    # a directory from before width/height columns resumes without them, so that its files agree
+    source_size = not (recorded_run and args.on_existing == "skip" and "source_size" not in recorded_run)
     gpu = args.gpus_per_actor > 0
     precision, warning = resolve_encoder_precision(args.encoder_precision, gpu=gpu, recorded=recorded)
     if warning:
@@ -107,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         decode_threads=args.decode_threads,
         encoder_precision=precision,
         jpeg_decoder=args.jpeg_decoder,
+        keep=args.keep,
+        views=args.views,
+        source_size=source_size,
     )
     settings = JobSettings(
         input=args.input,

@@ -67,3 +67,17 @@ def test_presets_benchmark_smoke(tmp_path):
     for r in rows.values():
         assert r["encoder_ms"] > 0 and r["search_ms"] > 0
         assert abs(r["images_per_s"] - 1e3 / (r["encoder_ms"] + r["search_ms"])) < 1e-6 * r["images_per_s"]
+
+
+def test_make_shards_benchmark_small(tmp_path):
+    out = tmp_path / "shards.json"
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "make_shards.py"), "--count", "30", "--repeat", "1",
+         "--views-images", "2", "--image-size", "64", "--json", str(out)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["images"] == 30 and result["make_shards"]["images_per_s"] > 0
+    views = result["views"]
+    assert [views[v]["rows"] for v in ("center", "flip", "tencrop")] == [2, 4, 20]
+    assert views["tencrop_over_center_time"] > 0

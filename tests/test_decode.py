@@ -82,7 +82,13 @@ def test_reason_strings_are_the_documented_ones():
     )
     assert decode.MEMBER_TOO_LARGE == "member too large"
     assert len(set(decode.REASONS)) == len(decode.REASONS) == 11
-    assert decode.NOTES == ("link member", "extra image member", "unparsable label")
+    assert decode.NOTES == (
+        "link member",
+        "extra image member",
+        "unparsable label",
+        "invalid UTF-8",
+        "invalid JSON",
+    )
     assert not set(decode.NOTES) & set(decode.REASONS)
 
 

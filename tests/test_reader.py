@@ -197,3 +197,70 @@ def test_fsspec_urls(tmp_path):
     export_flat(url, str(tmp_path / "flat"))
     tokens, offsets = open_flat(str(tmp_path / "flat"))
     np.testing.assert_array_equal(tokens[offsets[1] : offsets[2]], expected["m/0001"])
+
+
+def write_view_tokens(path: str, stem: str, samples: int, views: str, seed: int) -> dict:
+    """A file as `--views` writes it: V adjacent rows per sample, a `view` column; (key, view) -> tokens."""
+    import pyarrow as pa
+
+    from pipeline.data.views import VIEW_SETS
+
+    n = len(VIEW_SETS[views])
+    tokens = np.random.default_rng(seed).integers(0, K, (samples * n, LENGTH))
+    keys = [f"{stem}/{i:04d}" for i in range(samples) for _ in range(n)]
+    index = [i for i in range(samples) for _ in range(n)]
+    meta = metadata() | {"preprocessing": {"views": views, "view_names": list(VIEW_SETS[views])}}
+    extra = {pa.field("view", pa.int8()): list(range(n)) * samples}
+    table = token_table(keys, stem, index, [0] * len(keys), tokens, K, meta, extra)
+    write_atomic(f"{path}/{stem}.parquet", parquet_bytes(table, row_group_size=7))  # samples straddle groups
+    return {(k, v): t for k, v, t in zip(keys, extra[next(iter(extra))], tokens, strict=True)}
+
+
+def test_random_view_each_sample_once_per_epoch_over_2_ranks_x_2_workers(tmp_path):
+    expected = write_view_tokens(str(tmp_path), "t", 9, "tencrop", 0)
+    expected |= write_view_tokens(str(tmp_path), "u", 6, "tencrop", 1)
+    samples = sorted({k for k, _ in expected})
+    choices = []
+    for epoch in (0, 1):
+        got = []
+        for rank in range(2):
+            ds = TokenDataset(str(tmp_path), seed=5, with_meta=True, rank=rank, world_size=2, views="random")
+            ds.set_epoch(epoch)
+            got += [
+                (d["key"], d["view"], d["tokens"].tolist())
+                for d in DataLoader(ds, batch_size=None, num_workers=2)
+            ]
+        assert sorted(k for k, _, _ in got) == samples and ds.num_items == len(samples)  # each exactly once
+        for key, view, tokens in got:
+            assert tokens == expected[(key, view)].tolist()
+        choices.append(dict((k, v) for k, v, _ in got))
+    assert choices[0] != choices[1]  # another view choice in the next epoch
+    assert all(choices[0][k] != choices[1][k] for k in samples)  # a cycle's epochs never repeat a view
+    # deterministic from seed and epoch, whatever the split; over a cycle of 10 epochs every view once
+    single = TokenDataset(str(tmp_path), seed=5, with_meta=True, views="random")
+    seen = {k: [] for k in samples}
+    for epoch in range(10):
+        single.set_epoch(epoch)
+        picked = {d["key"]: d["view"] for d in single}
+        if epoch < 2:
+            assert picked == choices[epoch]
+        for k, v in picked.items():
+            seen[k].append(v)
+    assert all(sorted(v) == list(range(10)) for v in seen.values())
+    other_seed = TokenDataset(str(tmp_path), seed=6, with_meta=True, views="random")
+    assert {d["key"]: d["view"] for d in other_seed} != choices[0]
+
+
+def test_one_view_or_all_and_flat_export_of_a_view(tmp_path):
+    expected = write_view_tokens(str(tmp_path), "f", 5, "flip", 3)
+    mirrored = TokenDataset(str(tmp_path), shuffle=False, with_meta=True, views=1)
+    assert [(d["key"], d["view"]) for d in mirrored] == [(f"f/{i:04d}", 1) for i in range(5)]
+    every = TokenDataset(str(tmp_path), shuffle=False, with_meta=True)
+    assert [(d["key"], d["view"]) for d in every] == sorted(expected)
+    with pytest.raises(ValueError, match="2 view"):
+        TokenDataset(str(tmp_path), views=2)
+    info = export_flat(str(tmp_path), str(tmp_path / "flat" / "v1"), view=1)
+    tokens, offsets = open_flat(str(tmp_path / "flat" / "v1"))
+    assert info["sequences"] == 5 and info["view"] == 1
+    for i in range(5):
+        np.testing.assert_array_equal(tokens[offsets[i] : offsets[i + 1]], expected[(f"f/{i:04d}", 1)])

@@ -2,10 +2,12 @@
 reader (our TokenDataset, Ray Data, Hugging Face datasets, Polars, DuckDB, the flat export) hands back is
 compared with the tokens written."""
 
+import json
 import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 import torch
@@ -28,6 +30,20 @@ def readme_block(heading: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+CAPTIONS = ["a cat", "", "café, 猫 🐱", None, "two\nlines"]  # None: missing or not UTF-8
+
+
+def row_columns(n: int, offset: int) -> dict:
+    """The columns after `tokens` of a `--keep txt,json` run: width, height, txt, json (row values)."""
+    rows = range(offset, offset + n)
+    return {
+        pa.field("width", pa.int32()): [300 + 53 * (i % 7) for i in rows],
+        pa.field("height", pa.int32()): [256 + i for i in rows],
+        pa.field("txt", pa.string()): [CAPTIONS[i % len(CAPTIONS)] for i in rows],
+        pa.field("json", pa.string()): [None if i % 6 == 5 else json.dumps({"url": f"u{i}"}) for i in rows],
+    }
+
+
 def write_token_dir(directory: Path) -> np.ndarray:
     """Token files as the tokenize job writes them; returns every row's tokens in file order."""
     meta = {
@@ -41,11 +57,14 @@ def write_token_dir(directory: Path) -> np.ndarray:
     }
     rng = np.random.default_rng(0)
     rows = []
+    offset = 0
     for stem, n in ROWS.items():
         tokens = rng.integers(0, K, (n, LENGTH))
         tokens[:1, :2] = (0, K - 1)  # both ends of uint16
         keys = [f"{stem}/{i:04d}" for i in range(n)]
-        table = token_table(keys, stem, list(range(n)), [i % 5 for i in range(n)], tokens, K, meta)
+        labels = [i % 5 for i in range(n)]
+        table = token_table(keys, stem, list(range(n)), labels, tokens, K, meta, row_columns(n, offset))
+        offset += n
         write_atomic(str(directory / "tokens" / f"{stem}.parquet"), parquet_bytes(table, row_group_size=16))
         rows.append(tokens)
     (directory / "tokens" / "_manifest").mkdir()
@@ -86,19 +105,34 @@ def test_readme_reading_block_runs_and_every_reader_returns_the_written_tokens(t
     finally:
         ray.shutdown()
 
+    columns = {f.name: v for f, v in row_columns(len(expected), 0).items()}  # every row, in file order
+    ray_rows = sorted((r["width"], repr(r["txt"])) for r in namespace["ray_rows"])  # any block order
+    assert ray_rows == sorted(zip(columns["width"], map(repr, columns["txt"])))
+
     # Hugging Face datasets: the first 64 rows, in file order, as int64
     first = namespace["first"]
     assert isinstance(first, torch.Tensor) and first.dtype == torch.int64
     np.testing.assert_array_equal(first.numpy(), expected[:64])
     assert len(namespace["hf_ds"]) == len(expected)
+    assert namespace["hf_captions"] == columns["txt"][:64]
 
     # Polars: (rows, 1024) uint16 in file order
     array = namespace["array"]
     assert array.dtype == np.uint16
     np.testing.assert_array_equal(array, expected)
+    large = [i for i, w in enumerate(columns["width"]) if w >= 512]
+    assert namespace["large"]["txt"].to_list() == [columns["txt"][i] for i in large]
+    assert namespace["large"]["json"].to_list() == [columns["json"][i] for i in large]
 
     # DuckDB: the rows per shard
     assert namespace["per_shard"] == [(stem, n) for stem, n in ROWS.items() if n]
+    keys = [f"{stem}/{i:04d}" for stem, n in ROWS.items() for i in range(n)]
+    want = [
+        (k, t, w, h)
+        for k, t, w, h in zip(keys, columns["txt"], columns["width"], columns["height"])
+        if t is not None
+    ]
+    assert namespace["captioned"] == sorted(want)
 
     # Flat export: sequence i is row i framed, in file order
     tokens, offsets = namespace["tokens"], namespace["offsets"]

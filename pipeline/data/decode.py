@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.data.extras import INVALID_JSON, INVALID_UTF8
 from pipeline.data.preprocess import preprocess, random_crop_flip
 from pipeline.data.samples import (
     DEFAULT_MAX_MEMBER_BYTES,
@@ -26,6 +27,7 @@ from pipeline.data.samples import (
     Sample,
     Skip,
 )
+from pipeline.data.views import crop_views
 
 # Every reason a sample is skipped (REASONS) or noted while still becoming a row (NOTES), defined once:
 # here, or in pipeline/samples.py for what the tar reader decides.
@@ -52,7 +54,13 @@ REASONS = (
 )
 EXTRA_IMAGE = "extra image member"  # a second image member (.jpg and .png): the preferred one is used
 BAD_LABEL = "unparsable label"  # a .cls that is not an integer: the row's label is null
-NOTES = (LINK_MEMBER, EXTRA_IMAGE, BAD_LABEL)
+NOTES = (
+    LINK_MEMBER,
+    EXTRA_IMAGE,
+    BAD_LABEL,
+    INVALID_UTF8,
+    INVALID_JSON,
+)  # the last two: pipeline/data/extras.py
 
 # Extensions taken as the image member without looking at content, in order of preference.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "image", "gif", "bmp", "tif", "tiff")
@@ -154,13 +162,16 @@ class SkipSample(Exception):
 
 @dataclass
 class Decoded:
-    """A sample ready for the model: uint8 (image_size, image_size, 3) RGB after preprocessing."""
+    """A sample ready for the model: uint8 (image_size, image_size, 3) RGB after preprocessing, or
+    (V, image_size, image_size, 3) with several views (pipeline/data/views.py)."""
 
     key: str
     index: int
     label: int | None
     image: np.ndarray
     notes: list[Note] = field(default_factory=list)  # what was odd about the sample (see NOTES)
+    size: tuple[int, int] | None = None  # (height, width) of the decoded image, EXIF orientation applied
+    extras: dict = field(default_factory=dict)  # kept members' column values (pipeline/data/extras.py)
 
 
 def decode_sample(
@@ -170,12 +181,14 @@ def decode_sample(
     limits: DecodeLimits = DEFAULT_LIMITS,
     train_rng: np.random.Generator | None = None,
     jpeg_draft: bool = False,
+    views: str = "center",
 ) -> Decoded | Skip:
     """Find, decode and preprocess the sample's image (center crop, or random crop and flip when a training
     `train_rng` is given). Bad data becomes a Skip with its reason; this never raises for bad data.
 
     jpeg_draft: let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale, keeping the shorter side at least
-    DRAFT_MARGIN * image_size (about 2.3x faster on multi-megapixel photos; pixels differ slightly)."""
+    DRAFT_MARGIN * image_size (about 2.3x faster on multi-megapixel photos; pixels differ slightly).
+    views: other than "center", the image is the (V, S, S, 3) stack of `crop_views` (no training rng)."""
     try:
         ext, data = find_image(sample.members)
         try:
@@ -185,12 +198,14 @@ def decode_sample(
             raise SkipSample(e.reason, f".{ext}: {e.detail}" if e.detail else f".{ext}") from None
     except SkipSample as e:
         return Skip(key=sample.key, index=sample.index, reason=e.reason, detail=e.detail)
-    if train_rng is None:
+    if train_rng is not None:
+        image = random_crop_flip(image, image_size, train_rng, full_shape)
+    elif views == "center":
         image = preprocess(image, image_size, full_shape)
     else:
-        image = random_crop_flip(image, image_size, train_rng, full_shape)
+        image = crop_views(image, image_size, views, full_shape)
     label = label_of(sample.members)
-    return Decoded(sample.key, sample.index, label, image, notes_of(sample, ext))
+    return Decoded(sample.key, sample.index, label, image, notes_of(sample, ext), full_shape)
 
 
 def find_image(members: dict[str, bytes]) -> tuple[str, bytes]:
@@ -403,6 +418,11 @@ def _looks_cut(data: bytes, kind: str | None) -> bool:
     if kind == "GIF":
         return not tail.endswith(b";")
     return False
+
+
+def image_format(data: bytes) -> str | None:
+    """The image format named by the leading magic bytes ("JPEG", "PNG", ...), or None."""
+    return _sniff(data)
 
 
 def _sniff(data: bytes) -> str | None:

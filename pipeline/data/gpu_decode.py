@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -33,6 +33,8 @@ class EncodedJpeg:
     data: bytes
     sample: Sample
     notes: list[Note]
+    size: tuple[int, int] | None = None  # (height, width) declared in the header (no EXIF rotation here)
+    extras: dict = field(default_factory=dict)  # kept members' column values (pipeline/data/extras.py)
 
 
 def nvjpeg_available() -> bool:
@@ -65,7 +67,7 @@ def screen(sample: Sample, limits: DecodeLimits) -> EncodedJpeg | None:
     except SkipSample:
         return None
     label = label_of(sample.members)
-    return EncodedJpeg(sample.key, sample.index, label, data, sample, notes_of(sample, ext))
+    return EncodedJpeg(sample.key, sample.index, label, data, sample, notes_of(sample, ext), (height, width))
 
 
 def resize_crop(image: torch.Tensor, size: int) -> torch.Tensor:

@@ -14,15 +14,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 import gq
 from pipeline.data import gpu_decode
 from pipeline.data.decode import DRAFT_MARGIN, TAR_TRUNCATED, Decoded, DecodeLimits, decode_sample
+from pipeline.data.extras import check_keep, column_type, extra_values
 from pipeline.data.gpu_decode import EncodedJpeg, GpuJpegDecoder
 from pipeline.data.samples import Sample, Skip
 from pipeline.data.shards import shard_identity, shard_stem
 from pipeline.data.stages import batched, decoded, shard_samples
+from pipeline.data.views import VIEW_SETS
+from pipeline.data.views import describe as describe_views
 from pipeline.io import write_atomic
 from pipeline.memory import peak_rss_mib
 from pipeline.tokens.records import CommitRecord, Provenance, token_url, write_manifest
@@ -51,8 +55,17 @@ class TokenizeOptions:
     # "nvjpeg" decodes JPEGs on the GPU in batches (torchvision) and resizes there with torch's
     # antialiased bicubic, which differs slightly from PIL's. Both change tokens slightly: pinned too.
     jpeg_decoder: str = "pil"
+    keep: tuple[str, ...] = ()  # member extensions kept as columns (pipeline/data/extras.py); pinned
+    views: str = "center"  # center | flip | tencrop: rows per sample (pipeline/data/views.py); pinned
+    # width and height columns; False only to resume a directory written before they existed (pinned)
+    source_size: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "keep", check_keep(tuple(self.keep)))
+        if self.views not in VIEW_SETS:
+            raise ValueError(f"views must be one of {tuple(VIEW_SETS)}, got {self.views!r}")
+        if self.views != "center" and self.jpeg_decoder == "nvjpeg":
+            raise ValueError("--views flip and tencrop crop on the CPU: use --jpeg-decoder pil or pil-draft")
         if self.encoder_precision not in ENCODER_PRECISIONS:
             raise ValueError(f"encoder_precision must be one of {tuple(ENCODER_PRECISIONS)}")
         if self.jpeg_decoder not in JPEG_DECODERS:
@@ -68,7 +81,11 @@ class TokenizeOptions:
             "resize": gpu_decode.RESIZE if self.jpeg_decoder == "nvjpeg" else resize,
             "jpeg_decoder": self.jpeg_decoder,
             "encoder_precision": self.encoder_precision,
-            "crop": "center",
+            "crop": describe_views(self.views),
+            "views": self.views,
+            "view_names": list(VIEW_SETS[self.views]),
+            "keep": list(self.keep),
+            "source_size": self.source_size,
             "image_size": self.image_size,
             "input": "uint8 RGB; alpha composited on white; EXIF orientation applied",
             **asdict(self.limits),
@@ -84,6 +101,9 @@ class ShardResult:
     keys: list[str] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
     labels: list[int | None] = field(default_factory=list)
+    views: list[int] = field(default_factory=list)  # the view of each row (0 with views="center")
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) of each row's image
+    extras: dict[str, list] = field(default_factory=dict)  # kept extension -> each row's value
     skipped: list[dict] = field(default_factory=list)  # samples without a row: key, index, reason, detail
     shard_events: list[dict] = field(
         default_factory=list
@@ -147,6 +167,18 @@ class ShardTokenizer:
         """The `gq` key-value metadata of every token file this processor writes."""
         return self.provenance.file_metadata()
 
+    def extra_columns(self, result: ShardResult) -> dict[pa.Field, list]:
+        """The columns after `tokens`: view (with several views), width and height, kept members."""
+        opts, columns = self.options, {}
+        if opts.views != "center":
+            columns[pa.field("view", pa.int8(), nullable=False)] = result.views
+        if opts.source_size:
+            columns[pa.field("width", pa.int32())] = [s[1] if s else None for s in result.sizes]
+            columns[pa.field("height", pa.int32())] = [s[0] if s else None for s in result.sizes]
+        for ext in opts.keep:
+            columns[pa.field(ext, column_type(ext))] = result.extras.get(ext, [])
+        return columns
+
     @torch.inference_mode()
     def tokenize_images(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 (B, S, S, 3) (numpy, or a tensor on any device) -> tokens (B, tokens_per_image) int64."""
@@ -168,6 +200,7 @@ class ShardTokenizer:
             item = batch[pending[j]]
             out = decode_sample(item.sample, image_size=opts.image_size, limits=opts.limits)
             if isinstance(out, Decoded):
+                out.extras, out.notes = item.extras, item.notes  # kept members, and their notes
                 batch[pending[j]] = out
             else:
                 skipped.append(asdict(out))
@@ -186,18 +219,31 @@ class ShardTokenizer:
         out = gpu_decode.screen(sample, opts.limits) if self.jpeg_decoder is not None else None
         if out is None:
             draft = opts.jpeg_decoder == "pil-draft"
-            out = decode_sample(sample, image_size=opts.image_size, limits=opts.limits, jpeg_draft=draft)
+            out = decode_sample(
+                sample, image_size=opts.image_size, limits=opts.limits, jpeg_draft=draft, views=opts.views
+            )
+        if opts.keep and not isinstance(out, Skip):
+            out.extras, notes = extra_values(sample.members, opts.keep)
+            out.notes = out.notes + notes
         return out
 
     def _encode(self, batch: list, result: ShardResult) -> np.ndarray | None:
         """Tokens of a batch; its rows (and their notes) appended to `result` in order."""
         images = self._batch_images(batch, result.skipped)  # drops what the GPU decoder then skips
+        views = len(VIEW_SETS[self.options.views])
         for d in batch:
-            result.keys.append(d.key)
-            result.indices.append(d.index)
-            result.labels.append(d.label)
             result.notes.extend({"key": d.key, "index": d.index, **asdict(n)} for n in d.notes)
-        return self.tokenize_images(images) if batch else None
+            for v in range(views):  # the rows of a sample, adjacent
+                result.keys.append(d.key)
+                result.indices.append(d.index)
+                result.labels.append(d.label)
+                result.views.append(v)
+                result.sizes.append(d.size)
+                for ext in self.options.keep:
+                    result.extras.setdefault(ext, []).append(d.extras.get(ext))
+        if not batch:
+            return None
+        return self.tokenize_images(images.reshape(-1, *images.shape[-3:]))
 
     def tokenize_shard(self, url: str, progress: Callable[[int], None] | None = None) -> ShardResult:
         """Read, decode and tokenize one shard (nothing written); `progress(n)` is called as each batch of
@@ -207,9 +253,10 @@ class ShardTokenizer:
         chunks: list[np.ndarray] = []
         decode, encode = _Timed(self._decode), _Timed(self._encode)
         t0 = time.perf_counter()
-        window = opts.batch_size * opts.prefetch_batches + opts.decode_threads
+        per_batch = max(1, opts.batch_size // len(VIEW_SETS[opts.views]))  # batch_size counts images
+        window = per_batch * opts.prefetch_batches + opts.decode_threads
         samples = shard_samples(url, max_member_bytes=opts.limits.max_member_bytes)
-        for item in batched(decoded(samples, decode, opts.decode_threads, window), opts.batch_size):
+        for item in batched(decoded(samples, decode, opts.decode_threads, window), per_batch):
             if isinstance(item, Skip):
                 result.truncated |= item.reason == TAR_TRUNCATED
                 (result.skipped if item.index >= 0 else result.shard_events).append(asdict(item))
@@ -236,8 +283,9 @@ class ShardTokenizer:
         size = self.model.config.quantizer.codebook.size
         meta = self.file_metadata()
         table = token_table(
-            result.keys, result.stem, result.indices, result.labels, result.tokens, size, meta
-        )
+            result.keys, result.stem, result.indices, result.labels, result.tokens, size, meta,
+            self.extra_columns(result),
+        )  # fmt: skip
         data = parquet_bytes(table)
         write_atomic(token_url(output, result.stem), data)
         result.seconds["write"] = time.perf_counter() - t

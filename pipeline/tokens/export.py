@@ -16,7 +16,9 @@ For an output PREFIX three local files are written (each to a temporary name, th
                   bos, eos, vocab_size, dtype, and the source files with their row counts, in export order.
 
 Sequences are the rows of the source files in order (files as listed, rows in file order), each
-[BOS] + (tokens + offset) + [EOS]. `open_flat(PREFIX)` maps the tokens and reads the offsets.
+[BOS] + (tokens + offset) + [EOS]; with `view=v`, only the rows of that view (files tokenized with
+`--views flip|tencrop`; a file without a `view` column has view 0 only). `open_flat(PREFIX)` maps the
+tokens and reads the offsets.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def export_flat(
     offset: int = 0,
     bos: int | None = None,
     eos: int | None = None,
+    view: int | None = None,
 ) -> dict:
     """Write PREFIX.bin / .idx / .json (see the module doc) from the token files named by `source` (a
     directory, glob, file, or list, local or fsspec); `prefix` is a local path. Returns the .json content.
@@ -73,6 +76,8 @@ def export_flat(
         raise ValueError(f"offset must be >= 0, got {offset}")
     files = [open_token_file(u) for u in list_token_files(source)]
     meta = check_same_codebook(files)
+    if view is not None and not 0 <= view < min(f.views for f in files):
+        raise ValueError(f"view {view}: the files have {min(f.views for f in files)} view(s) per sample")
     size = int(meta["codebook"]["size"])
     top = max([offset + size - 1] + [t for t in (bos, eos) if t is not None])
     dtype = flat_dtype(top)
@@ -85,8 +90,11 @@ def export_flat(
             for row_group, rows in enumerate(f.row_groups):
                 if not rows:
                     continue
-                table = read_unit(WorkUnit(f.url, row_group, rows), ["tokens"])
+                columns = ["tokens", "view"] if view is not None and f.views > 1 else ["tokens"]
+                table = read_unit(WorkUnit(f.url, row_group, rows), columns)
                 tokens = tokens_array(table.column("tokens")).astype(np.int64) + offset
+                if len(columns) > 1:
+                    tokens = tokens[table.column("view").to_numpy() == view]
                 parts = [tokens]
                 if bos is not None:
                     parts.insert(0, np.full((len(tokens), 1), bos, np.int64))
@@ -112,6 +120,7 @@ def export_flat(
         "offset": offset,
         "bos": bos,
         "eos": eos,
+        "view": view,
         "vocab_size": top + 1,
         "codebook_size": size,
         "sources": [{"file": f.url, "rows": f.rows} for f in files],

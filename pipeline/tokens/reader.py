@@ -22,14 +22,22 @@ size are read from it then) or pass `rank=` and `world_size=`; every rank iterat
 differ by up to one row group, so ranks may see different numbers of batches: cap steps per epoch (e.g.
 `ds.num_rows // (world_size * batch_size)`) where every rank must take the same number of steps. Call
 `set_epoch` before each epoch; with `persistent_workers=True` the workers keep the epoch they were started
-with, so leave that option off. `with_meta=True` yields dicts {"tokens", "key", "label", "shard", "index"}
-(missing labels become `missing_label`); the default collate batches those too.
+with, so leave that option off. `with_meta=True` yields dicts {"tokens", "key", "label", "shard", "index",
+"view"} (missing labels become `missing_label`); the default collate batches those too.
+
+Files tokenized with several views (`--views flip|tencrop`: rows of a sample adjacent, a `view` column)
+are read with `views=`: "all" every row; an int, that view only; "random", one view of each sample per
+epoch: the choice depends only on (seed, epoch, shard, index), so every reader agrees on it whatever the
+split, and each sample is yielded exactly once per epoch. Over each cycle of V epochs (0..V-1, V..2V-1,
+...) a sample's views follow a permutation of its own, so no view repeats within a cycle and consecutive
+epochs of a cycle differ. Files without a `view` column have one view (0).
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +51,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.data.views import VIEW_SETS
 from pipeline.tokens.writer import METADATA_KEY
 
 TOKENS = "tokens"
@@ -71,6 +80,12 @@ class TokenFile:
     @property
     def rows(self) -> int:
         return sum(self.row_groups)
+
+    @property
+    def views(self) -> int:
+        """Rows per sample: the view set's size (1 for files from before views, which have no `view`)."""
+        views = (self.metadata.get("preprocessing") or {}).get("views", "center")
+        return len(VIEW_SETS.get(views, ("center",)))
 
 
 def list_token_files(source: str | Sequence[str]) -> list[str]:
@@ -182,8 +197,11 @@ class TokenDataset(IterableDataset):
         missing_label: int = -1,
         rank: int | None = None,
         world_size: int | None = None,
+        views: str | int = "all",
     ) -> None:
         super().__init__()
+        if views not in ("all", "random") and not (isinstance(views, int) and views >= 0):
+            raise ValueError(f'views must be "all", "random" or a view number >= 0, got {views!r}')
         if dtype not in (torch.int64, torch.int32):
             raise ValueError(f"dtype must be torch.int64 or torch.int32, got {dtype}")
         if (rank is None) != (world_size is None):
@@ -198,6 +216,11 @@ class TokenDataset(IterableDataset):
         self.files = [open_token_file(u) for u in list_token_files(source)]
         self.metadata = check_same_codebook(self.files)
         self.units = units_of(self.files)
+        self.views = views
+        self._views_of = {f.url: f.views for f in self.files}
+        if isinstance(views, int) and views >= min(f.views for f in self.files):
+            f = min(self.files, key=lambda f: f.views)
+            raise ValueError(f"views={views}, but {f.url} has {f.views} view(s) per sample")
         self.codebook_size = int(self.metadata["codebook"]["size"])
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.offset, self.bos, self.eos = offset, bos, eos
@@ -213,6 +236,13 @@ class TokenDataset(IterableDataset):
     def num_rows(self) -> int:
         """Rows of all files (all ranks together)."""
         return sum(u.rows for u in self.units)
+
+    @property
+    def num_items(self) -> int:
+        """Items one epoch yields over all ranks: rows, or with one view per sample, samples."""
+        if self.views == "all":
+            return self.num_rows
+        return sum(f.rows // f.views for f in self.files)
 
     @property
     def sequence_length(self) -> int:
@@ -244,10 +274,15 @@ class TokenDataset(IterableDataset):
         return items
 
     def _unit_items(self, worker: int, num_workers: int) -> Iterator[torch.Tensor | dict]:
-        columns = [TOKENS, *META_COLUMNS] if self.with_meta else [TOKENS]
         for u in self.units_for(worker, num_workers):
-            table = read_unit(self.units[u], columns)
-            tokens = self._sequences(tokens_array(table.column(TOKENS)))
+            unit = self.units[u]
+            views = self._views_of[unit.url]
+            columns = [TOKENS, *META_COLUMNS] if self.with_meta else [TOKENS]
+            if views > 1:
+                columns += ["view"] + [c for c in ("shard", "index") if c not in columns]
+            table = read_unit(unit, columns)
+            rows = self._selected(table, views)
+            tokens = self._sequences(tokens_array(table.column(TOKENS))[rows])
             order = range(len(tokens))
             if self.shuffle:
                 order = np.random.default_rng([self.seed, self.epoch, u]).permutation(len(tokens))
@@ -255,7 +290,8 @@ class TokenDataset(IterableDataset):
                 for i in order:
                     yield tokens[i].clone()
                 continue
-            meta = {c: table.column(c).to_pylist() for c in META_COLUMNS}
+            meta = {c: table.column(c).take(pa.array(rows)).to_pylist() for c in META_COLUMNS}
+            view = table.column("view").take(pa.array(rows)).to_pylist() if views > 1 else [0] * len(rows)
             for i in order:
                 label = meta["label"][i]
                 yield {
@@ -264,7 +300,24 @@ class TokenDataset(IterableDataset):
                     "label": self.missing_label if label is None else label,
                     "shard": meta["shard"][i],
                     "index": meta["index"][i],
+                    "view": view[i],
                 }
+
+    def _selected(self, table: pa.Table, views: int) -> np.ndarray:
+        """The rows of a unit this dataset yields (see `views` in the module doc)."""
+        n = table.num_rows
+        if self.views == "all" or views == 1:
+            return np.arange(n)  # (a view number above 0 was refused for one-view files)
+        view = table.column("view").to_numpy()
+        if isinstance(self.views, int):
+            return np.flatnonzero(view == self.views)
+        shards = table.column("shard").to_pylist()
+        crc = {s: zlib.crc32(s.encode()) for s in set(shards)}
+        chosen = chosen_views(
+            self.seed, self.epoch, np.array([crc[s] for s in shards], np.uint64),
+            table.column("index").to_numpy().astype(np.uint64), views,
+        )  # fmt: skip
+        return np.flatnonzero(view == chosen)
 
     def _sequences(self, tokens: np.ndarray) -> torch.Tensor:
         """(rows, L) uint16/uint32 -> (rows, [BOS] + L + [EOS]) tensor of `dtype`, with the offset added."""
@@ -277,6 +330,25 @@ class TokenDataset(IterableDataset):
             parts.append(np.full((n, 1), self.eos, np.int64))
         out = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         return torch.from_numpy(out).to(self.dtype)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser over uint64 (wrapping arithmetic): a stable hash on every platform."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def chosen_views(seed: int, epoch: int, shard: np.ndarray, index: np.ndarray, views: int) -> np.ndarray:
+    """The view `views="random"` yields in `epoch` of each sample (shard hash, index): position epoch % V
+    of the sample's own permutation of the V views for cycle epoch // V, from (seed, cycle)."""
+    cycle, position = divmod(int(epoch), views)
+    with np.errstate(over="ignore"):
+        start = _mix(_mix(np.array([seed % 2**64], np.uint64)) ^ np.uint64(cycle))
+        h = _mix(_mix(np.repeat(start, len(index)) ^ shard) ^ index)
+        keys = _mix(h[:, None] ^ np.arange(1, views + 1, dtype=np.uint64)[None, :])
+    return np.argsort(keys, axis=1, kind="stable")[:, position]
 
 
 def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:

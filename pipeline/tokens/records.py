@@ -26,8 +26,16 @@ IDENTITY_FIELDS = ("model_sha256", "codebook_fingerprint", "quantizer", "image_s
 
 # Preprocessing settings added after run records were first written, with the value an older record
 # implies. max_member_bytes: older runs read members of any size, which differs from the default only for
-# members over 64 MiB, so an older directory resumes under the default instead of being refused.
-ADDED_PREPROCESSING = {"max_member_bytes": DEFAULT_MAX_MEMBER_BYTES}
+# members over 64 MiB, so an older directory resumes under the default instead of being refused. keep,
+# views: older runs kept no members and tokenized the center crop only. source_size: older token files have
+# no width and height columns (jobs/tokenize.py resumes such a directory without them, so its files agree).
+ADDED_PREPROCESSING = {
+    "max_member_bytes": DEFAULT_MAX_MEMBER_BYTES,
+    "keep": [],
+    "views": "center",
+    "view_names": ["center"],
+    "source_size": False,
+}
 
 
 @dataclass(frozen=True)

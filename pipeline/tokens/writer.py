@@ -18,13 +18,17 @@ def token_type(codebook_size: int) -> pa.DataType:
     return pa.uint16() if codebook_size <= 65536 else pa.uint32()
 
 
-def token_schema(tokens_per_image: int, codebook_size: int, metadata: dict | None = None) -> pa.Schema:
+def token_schema(
+    tokens_per_image: int, codebook_size: int, metadata: dict | None = None, extra: tuple[pa.Field, ...] = ()
+) -> pa.Schema:
+    """DESIGN.md's columns, then `extra` ones (view, width, height, kept members: see token_table)."""
     fields = [
         pa.field("key", pa.string(), nullable=False),
         pa.field("shard", pa.string(), nullable=False),
         pa.field("index", pa.int32(), nullable=False),
         pa.field("label", pa.int64(), nullable=True),
         pa.field("tokens", pa.list_(token_type(codebook_size), tokens_per_image), nullable=False),
+        *extra,
     ]
     meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()} if metadata is not None else None
     return pa.schema(fields, metadata=meta)
@@ -38,14 +42,18 @@ def token_table(
     tokens: np.ndarray,
     codebook_size: int,
     metadata: dict,
+    extra: dict[pa.Field, list] | None = None,
 ) -> pa.Table:
-    """Rows of one shard; `tokens` is (rows, tokens_per_image) in raster order (row, column, group)."""
+    """Rows of one shard; `tokens` is (rows, tokens_per_image) in raster order (row, column, group).
+    `extra`: more columns after `tokens`, field -> values (the tokenize job's view, width, height and
+    kept members)."""
     n, length = tokens.shape
     np_type = np.uint16 if codebook_size <= 65536 else np.uint32
     if n and (tokens.min() < 0 or tokens.max() >= codebook_size):
         raise ValueError(f"token values outside [0, {codebook_size})")
     flat = pa.array(np.ascontiguousarray(tokens, dtype=np_type).reshape(-1), type=token_type(codebook_size))
-    schema = token_schema(length, codebook_size, metadata)
+    extra = extra or {}
+    schema = token_schema(length, codebook_size, metadata, tuple(extra))
     return pa.Table.from_arrays(
         [
             pa.array(keys, pa.string()),
@@ -53,6 +61,7 @@ def token_table(
             pa.array(indices, pa.int32()),
             pa.array(labels, pa.int64()),
             pa.FixedSizeListArray.from_arrays(flat, length),
+            *(pa.array(values, f.type) for f, values in extra.items()),
         ],
         schema=schema,
     )

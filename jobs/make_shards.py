@@ -1,0 +1,52 @@
+"""Pack an image folder into WebDataset tar shards that jobs/tokenize.py reads (labels as `.cls`).
+
+    python jobs/make_shards.py --input imagenet/train --output shards/train --samples-per-shard 1000
+    python jobs/make_shards.py --input imagenet/val --labels val_labels.txt --output shards/val
+    python jobs/make_shards.py --input list.txt --output s3://bucket/shards --shuffle-seed 0
+
+Layouts: class folders (label = index of the sorted class folder names, written to DIR/classes.json), a
+flat folder (with --labels FILE of `name label` lines, ImageNet val style), or a list file of
+`path[,label]` lines. Image bytes are copied as they are. Shards are written atomically; a rerun
+completes what is missing and leaves finished shards alone. Exit status: 0 done, 1 an I/O error (the
+shards finished so far stay; run again to complete), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import startup  # noqa: F401  (first: the jobs' shared start-up, jobs/startup.py)
+
+# isort: split
+import argparse
+import sys
+
+from pipeline.cli import add_dataclass_arguments, dataclass_from_args
+from pipeline.data.folder_shards import ShardingSettings, make_shards
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_arguments(p, ShardingSettings, skip=("progress",))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary still prints)")
+    args = p.parse_args(argv)
+    if args.samples_per_shard < 1 or args.read_threads < 1:
+        p.error("--samples-per-shard and --read-threads must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = dataclass_from_args(ShardingSettings, args, progress=not args.no_progress)
+    try:
+        summary = make_shards(settings)
+    except ValueError as e:  # bad arguments, another plan in DIR: one line, exit 2
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an unreadable folder, a failed write: the shards finished so far stay
+        print(f"make_shards: failed: {type(e).__name__}: {e} (run again to complete)", file=sys.stderr)
+        return 1
+    print(summary.format(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

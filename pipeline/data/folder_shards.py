@@ -1,0 +1,235 @@
+"""An image folder packed into WebDataset shards: the plan, the writing, resume and the summary.
+
+`DIR/<prefix>-NNNNNN.tar` holds N samples of the listing (pipeline/data/image_folder.py) in its order, or
+in a seeded shuffle of it: `<key>.<ext>` with the file's bytes as they are (never re-encoded) and
+`<key>.cls` when the image has a label. `DIR/_make_shards.json` pins the plan (settings and a fingerprint
+of the listing); a rerun with another plan into the same DIR is refused. Each shard is written to a
+temporary name and renamed (one upload on object stores), then its record `DIR/_make_shards/<shard>.json`
+(samples, bytes, sha256, skipped files with reasons); a shard with its record is finished and left
+alone, so a rerun after a kill completes what is missing. `DIR/classes.json` maps labels to class names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from tqdm import tqdm
+
+from pipeline.data.decode import EMPTY, NOT_IMAGE, image_format
+from pipeline.data.image_folder import FolderItem, FolderListing, list_image_folder
+from pipeline.data.shard_writer import write_shard
+from pipeline.data.stages import ordered_map
+from pipeline.io import join, write_atomic
+
+UNREADABLE = "unreadable file"  # the file could not be read (missing, permissions, I/O error)
+PLAN_FILE = "_make_shards.json"
+RECORD_DIR = "_make_shards"
+CLASSES_FILE = "classes.json"
+
+
+@dataclass(frozen=True)
+class ShardingSettings:
+    """The command line of jobs/make_shards.py."""
+
+    input: str  # FOLDER_OR_LIST: class folders, a flat folder (with --labels) or a path[,label] list file
+    output: str  # DIR for <prefix>-NNNNNN.tar (local or any fsspec URL)
+    samples_per_shard: int = 1000  # samples in each shard (the last one may hold fewer)
+    labels: str | None = None  # labels file of `name label` lines for a flat folder (ImageNet val style)
+    prefix: str = "shard"  # shard file names: <prefix>-NNNNNN.tar
+    shuffle_seed: int | None = None  # shuffle the samples across shards with this seed (default: sorted)
+    read_threads: int = 8  # files read at once (an object store wants many)
+    progress: bool = True  # a progress bar on stderr
+
+
+@dataclass
+class ShardingSummary:
+    layout: str = ""
+    images: int = 0  # samples in all shards of DIR
+    shards: int = 0
+    shards_before: int = 0  # finished by an earlier run, left alone
+    bytes: int = 0  # shard bytes in DIR
+    skipped: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    images_now: int = 0
+    bytes_now: int = 0
+
+    def format(self) -> str:
+        rate = self.images_now / self.seconds if self.seconds else 0.0
+        mb = self.bytes_now / self.seconds / 1e6 if self.seconds else 0.0
+        reasons = Counter(s["reason"] for s in self.skipped)
+        lines = [
+            f"make_shards: {self.layout}: {self.images} images in {self.shards} shards, "
+            f"{self.bytes / 1e6:.1f} MB ({self.shards_before} shards finished before this run)",
+            f"this run: {self.images_now} images in {self.seconds:.1f} s "
+            f"({rate:.1f} images/s, {mb:.1f} MB/s)",
+            f"skipped files: {len(self.skipped)}"
+            + (f" ({', '.join(f'{r}: {n}' for r, n in sorted(reasons.items()))})" if reasons else ""),
+        ]
+        lines += [f"  {s['reason']}: {s['file']} {s.get('detail', '')}".rstrip() for s in self.skipped[:20]]
+        if len(self.skipped) > 20:
+            lines.append(f"  ... {len(self.skipped) - 20} more in {RECORD_DIR}/*.json")
+        return "\n".join(lines)
+
+
+def shard_name(prefix: str, number: int) -> str:
+    return f"{prefix}-{number:06d}.tar"
+
+
+def plan_shards(settings: ShardingSettings) -> tuple[FolderListing, list[list[FolderItem]], dict]:
+    """The listing, its items dealt into shards, and the plan record. Raises ValueError for bad arguments
+    or a DIR holding another plan."""
+    if settings.samples_per_shard < 1:
+        raise ValueError("--samples-per-shard must be >= 1")
+    if not settings.prefix or "/" in settings.prefix:
+        raise ValueError(f"--prefix must be a plain file name prefix, got {settings.prefix!r}")
+    listing = list_image_folder(settings.input, settings.labels)
+    if not listing.items:
+        raise ValueError(f"--input {settings.input}: no image files found ({listing.layout})")
+    items = listing.items
+    if settings.shuffle_seed is not None:
+        order = np.random.default_rng(settings.shuffle_seed).permutation(len(items))
+        items = [items[i] for i in order]
+    n = settings.samples_per_shard
+    shards = [items[i : i + n] for i in range(0, len(items), n)]
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(json.dumps([item.url, item.key, item.label]).encode() + b"\n")
+    plan = {
+        "input": settings.input,
+        "layout": listing.layout,
+        "labels": settings.labels,
+        "samples_per_shard": n,
+        "prefix": settings.prefix,
+        "shuffle_seed": settings.shuffle_seed,
+        "images": len(items),
+        "shards": len(shards),
+        "listing_sha256": digest.hexdigest(),
+    }
+    previous = _read_json(join(settings.output, PLAN_FILE))
+    if previous is not None:
+        diffs = [k for k in plan if previous.get(k) != plan[k]]
+        if diffs:
+            detail = "; ".join(f"{k}: {previous.get(k)!r} != {plan[k]!r}" for k in diffs[:3])
+            raise ValueError(
+                f"--output {settings.output} holds shards of another plan ({detail}): use a new --output"
+            )
+    return listing, shards, plan
+
+
+def make_shards(settings: ShardingSettings) -> ShardingSummary:
+    """Plan, then write every unfinished shard; the summary of DIR as it is at the end."""
+    t0 = time.perf_counter()
+    listing, shards, plan = plan_shards(settings)
+    out = settings.output
+    write_atomic(join(out, PLAN_FILE), json.dumps(plan, indent=1, sort_keys=True).encode())
+    if listing.classes is not None:
+        classes = {"classes": listing.classes, "label_of": {c: i for i, c in enumerate(listing.classes)}}
+        write_atomic(join(out, CLASSES_FILE), json.dumps(classes, indent=1, ensure_ascii=False).encode())
+    _remove_stale_temporaries(out, settings.prefix)
+    summary = ShardingSummary(layout=listing.layout, shards=len(shards))
+    records = {}
+    todo = []
+    for number in range(len(shards)):
+        record = _read_json(join(out, RECORD_DIR, shard_name(settings.prefix, number) + ".json"))
+        if record is not None:
+            records[number] = record
+        else:
+            todo.append(number)
+    summary.shards_before = len(records)
+    total = sum(len(shards[i]) for i in todo)
+    bar = tqdm(total=total, unit="img", disable=not settings.progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for number in todo:
+            record = _write_one(out, settings, number, shards[number], bar)
+            records[number] = record
+            summary.images_now += record["samples"]
+            summary.bytes_now += record["bytes"]
+    finally:
+        bar.close()
+    summary.skipped = listing.skipped + [s for n in sorted(records) for s in records[n]["skipped"]]
+    summary.images = sum(r["samples"] for r in records.values())
+    summary.bytes = sum(r["bytes"] for r in records.values())
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _write_one(out: str, settings: ShardingSettings, number: int, items: list[FolderItem], bar) -> dict:
+    name = shard_name(settings.prefix, number)
+    skipped: list[dict] = []
+
+    def samples() -> Iterator[dict]:
+        window = 4 * settings.read_threads
+        for item, data in ordered_map(_read, items, settings.read_threads, window):
+            bar.update(1)
+            why = _unusable(data)
+            if why is not None:
+                skipped.append({"file": item.url, "key": item.key, "reason": why[0], "detail": why[1]})
+                continue
+            sample = {"__key__": item.key, item.ext: data}
+            if item.label is not None:
+                sample["cls"] = item.label
+            yield sample
+
+    url = join(out, name)
+    count = write_shard(url, samples())
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:  # the bytes as stored, read back once
+        digest, size = hashlib.sha256(), 0
+        while chunk := f.read(16 * 1024 * 1024):
+            digest.update(chunk)
+            size += len(chunk)
+    record = {"shard": name, "samples": count, "bytes": size, "sha256": digest.hexdigest(),
+              "first_key": items[0].key, "skipped": skipped}  # fmt: skip
+    write_atomic(join(out, RECORD_DIR, name + ".json"), json.dumps(record, indent=1).encode())
+    return record
+
+
+def _read(item: FolderItem) -> tuple[FolderItem, bytes | OSError]:
+    try:
+        with fsspec.open(item.url, "rb") as f:
+            return item, f.read()
+    except OSError as e:
+        return item, e
+
+
+def _unusable(data: bytes | OSError) -> tuple[str, str] | None:
+    """(reason, detail) for a file that cannot be a sample: unreadable, empty, or not an image by its
+    content (the tokenize job decodes the rest and skips what it cannot decode, with its reasons)."""
+    if isinstance(data, OSError):
+        return UNREADABLE, f"{type(data).__name__}: {data}"
+    if not data:
+        return EMPTY, "0 bytes"
+    if image_format(data) is None:
+        return NOT_IMAGE, f"{len(data)} bytes starting {data[:8]!r}"
+    return None
+
+
+def _remove_stale_temporaries(out: str, prefix: str) -> None:
+    """Temporary shard files a killed run left behind (local DIR only; an object store has none)."""
+    fs, path = url_to_fs(out)
+    if not isinstance(fs, LocalFileSystem) or not fs.isdir(path):
+        return
+    for p in fs.ls(path, detail=False):
+        name = posixpath.basename(p)
+        if name.startswith(f"{prefix}-") and ".tar.tmp-" in name:
+            fs.rm(p)
+
+
+def _read_json(url: str) -> dict | None:
+    fs, path = url_to_fs(url)
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
