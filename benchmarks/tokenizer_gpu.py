@@ -89,7 +89,7 @@ def stage_times(tok: ShardTokenizer, jpegs: list[bytes], batch: int, threads: in
     images = torch.from_numpy(np.stack([d.image for d in decoded]))
     if device.type == "cuda" and gpu_decode.nvjpeg_available():
         dec = gpu_decode.GpuJpegDecoder(size, device)
-        items = [gpu_decode.EncodedJpeg(s.key, s.index, None, s.members["jpg"], s) for s in samples]
+        items = [gpu_decode.EncodedJpeg(s.key, s.index, None, s.members["jpg"], s, []) for s in samples]
         out["decode_nvjpeg"] = sum(
             timed(lambda b=b: dec(items[b : b + batch]), device)[0] for b in range(0, len(items), batch)
         )
