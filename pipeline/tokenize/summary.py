@@ -44,7 +44,8 @@ class JobSummary:
         lines = [
             f"shards: {self.committed_before + self.committed_now}/{self.shards_total} committed "
             f"({self.committed_before} before this run, {self.committed_now} now, {len(self.failed)} failed)",
-            f"rows: {self.rows} tokenized in {self.seconds:.1f} s ({rate:.1f} rows/s; a row is one view of an image)",
+            f"rows: {self.rows} tokenized in {self.seconds:.1f} s ({rate:.1f} rows/s; "
+            "one row per view of an image)",
             f"samples skipped: {sum(self.skipped.values())}{_by_reason(self.skipped)}",
         ]
         if self.notes:
