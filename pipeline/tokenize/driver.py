@@ -31,6 +31,7 @@ from pipeline.tokens.records import (
     Provenance,
     check_run,
     clear_outputs,
+    clear_temporaries,
     committed_stems,
     foreign_entries,
     read_manifest,
@@ -142,7 +143,9 @@ def plan(settings: JobSettings) -> tuple[list[str], dict]:
 
 
 def prepare_output(settings: JobSettings, run: dict) -> None:
-    """Refuse to mix runs (unless overwrite), clear DIR for overwrite, write the run record."""
+    """Refuse to mix runs (unless overwrite), clear DIR for overwrite, remove temporary files that a killed
+    run left, write the run record."""
+    clear_temporaries(settings.output)
     if settings.on_existing == "overwrite":
         clear_outputs(settings.output)
     else:
