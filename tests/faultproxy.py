@@ -38,7 +38,7 @@ class FaultProxy:
                  fail_first: tuple[str, str, int] | None = None) -> None:  # fmt: skip
         self.upstream_port, self.rate, self.stall_s = upstream_port, rate, stall_s
         self.fail_first = fail_first
-        self.every = max(1, round(1 / rate))
+        self.every = max(1, round(1 / rate)) if rate > 0 else 0  # 0: a counting proxy, no faults
         self.counts: Counter = Counter()
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -50,12 +50,13 @@ class FaultProxy:
     def draw(self, method: str, path: str) -> str | None:
         with self.lock:
             self.counts["requests"] += 1
+            self.counts[f"{method} {'LIST' if 'list-type=' in path else 'object'}"] += 1
             forced = self.fail_first and method == self.fail_first[0] and self.fail_first[1] in path
             if forced and self.counts["forced"] < self.fail_first[2]:
                 self.counts["forced"] += 1
                 return "forced_500"
             # every (1/rate)-th request, each fault kind in turn: every kind shows in a short run
-            if self.counts["requests"] % self.every:
+            if not self.every or self.counts["requests"] % self.every:
                 return None
             fault = FAULTS[self.counts["faults"] % len(FAULTS)]
             self.counts["faults"] += 1
