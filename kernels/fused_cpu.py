@@ -14,11 +14,13 @@ GQ_CPU_KERNEL=avx512|avx2 forces an ISA (the AVX2 build runs on an AVX-512 machi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import shutil
 import sysconfig
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +35,9 @@ ENV = "GQ_CPU_KERNEL"
 CHOICES = ("auto", "avx512", "avx2", "off")
 TILE_BYTES = 64 * 2**10  # packed code features per tile: L2-resident, streamed by every row block
 CHUNK_ROWS = 16384  # rows searched at once: ~2.4 KiB each of features, bound and per-thread lane state
+# torch's build lock is a bare file that every load takes for a moment (to run ninja); a process killed
+# while holding it (a Ray actor, a test's SIGKILL) leaves it, and each later load would wait on it forever.
+STALE_LOCK_S = 300.0  # a build takes 1-3 min on 2 busy cores; an older lock has no live owner
 # -fopenmp: at::parallel_for runs on torch's own OpenMP threads (libgomp.so.1, the one torch loaded)
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 
@@ -53,10 +58,12 @@ def _build() -> ModuleType | None:
     ):  # the pip-installed ninja sits beside this interpreter, maybe not on PATH
         os.environ["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")])
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
+        name = f"gq_nearest_cpu_{_source_hash()}"
+        clear_stale_lock(os.path.join(_get_build_directory(name, verbose=False), "lock"))
         return load(
-            name=f"gq_nearest_cpu_{_source_hash()}",
+            name=name,
             sources=[str(SOURCES[0])],
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
@@ -70,6 +77,21 @@ def _build() -> ModuleType | None:
             stacklevel=3,
         )
         return None
+
+
+def clear_stale_lock(lock: str, stale_s: float = STALE_LOCK_S) -> None:
+    """Wait while a live build holds `lock`; remove it once it is older than `stale_s` (its owner died)."""
+    while True:
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except FileNotFoundError:
+            return
+        if age > stale_s:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)
+            warnings.warn(f"removed a stale build lock {lock} ({age:.0f} s old)", stacklevel=2)
+            return
+        time.sleep(0.5)
 
 
 def supported_isas() -> list[str]:

@@ -198,3 +198,23 @@ def test_rows_go_in_chunks_with_the_same_answer(isa, monkeypatch):
     codes = GaussianCodebook(2048, 4).vectors
     mu, lv = random_queries(350, 4, seed=21, bits=11.0)
     check_against_reference(mu, lv, codes, "posterior", backend="fused")
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_load(tmp_path):
+    """torch's build lock outlives a process killed holding it (a SIGKILLed actor): a live one is waited
+    for, a stale one removed, instead of every later load waiting forever."""
+    import os
+    import threading
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    threading.Timer(1.0, lock.unlink).start()  # a live build that ends after 1 s
+    t = time.perf_counter()
+    fused_cpu.clear_stale_lock(str(lock), stale_s=60)
+    assert 0.9 < time.perf_counter() - t < 30 and not lock.exists()
+    lock.touch()
+    os.utime(lock, (time.time() - 120,) * 2)  # left by a process that died two minutes ago
+    with pytest.warns(UserWarning, match="stale build lock"):
+        fused_cpu.clear_stale_lock(str(lock), stale_s=60)
+    assert not lock.exists()

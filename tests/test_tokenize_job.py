@@ -200,11 +200,17 @@ def test_sigkill_driver_then_resume(tmp_path, many_shards, small_checkpoint):
     assert committed < len(many_shards), (
         "the job finished before the kill; the test needs more work per shard"
     )
+    # what a writer killed mid-write leaves (the kill lands there now and then): the rerun removes it
+    for stale in (
+        out / f".part-000015.parquet.{uuid.uuid4().hex}.tmp",
+        out / "_manifest" / f".x.{uuid.uuid4().hex}.tmp",
+    ):
+        stale.write_bytes(b"PAR1")
     res = run(cmd)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"{committed} before this run" in res.stdout
     assert_tokens_match(out, reference(many_shards, small_checkpoint, size=128))
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_sigkill_actor_is_replaced(tmp_path, many_shards, small_checkpoint):

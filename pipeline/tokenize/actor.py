@@ -36,6 +36,11 @@ class TokenizerActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def where(self) -> dict:
+        """Where this actor runs (named in the summary should it be lost): pid, node id and node IP."""
+        node = ray.get_runtime_context().get_node_id()
+        return {"pid": os.getpid(), "node_id": node, "node_ip": ray.util.get_node_ip_address()}
+
     def process(self, url: str, output: str) -> dict:
         if self.counter is None:
             return self.worker.process(url, output)
@@ -69,7 +74,11 @@ def actor_env() -> dict[str, str]:
 
 
 def tokenizer_actor(cpus: float, gpus: float):
-    """The Ray actor class with its resource request (no automatic restarts: the driver replaces actors)."""
+    """The Ray actor class with its resource request (no automatic restarts: the driver replaces actors).
+
+    Spread over the cluster's nodes: CPU actors do not crowd one node while another idles, and a lost
+    node takes as few actors as the placement allows."""
     return ray.remote(TokenizerActor).options(
-        num_cpus=cpus, num_gpus=gpus, max_restarts=0, runtime_env={"env_vars": actor_env()}
-    )
+        num_cpus=cpus, num_gpus=gpus, max_restarts=0, runtime_env={"env_vars": actor_env()},
+        scheduling_strategy="SPREAD",
+    )  # fmt: skip

@@ -31,6 +31,7 @@ from pipeline.tokens.records import (
     Provenance,
     check_run,
     clear_outputs,
+    clear_temporaries,
     committed_stems,
     foreign_entries,
     read_manifest,
@@ -142,7 +143,9 @@ def plan(settings: JobSettings) -> tuple[list[str], dict]:
 
 
 def prepare_output(settings: JobSettings, run: dict) -> None:
-    """Refuse to mix runs (unless overwrite), clear DIR for overwrite, write the run record."""
+    """Refuse to mix runs (unless overwrite), clear DIR for overwrite, remove temporary files that a killed
+    run left, write the run record."""
+    clear_temporaries(settings.output)
     if settings.on_existing == "overwrite":
         clear_outputs(settings.output)
     else:
@@ -196,9 +199,10 @@ def _drain(pool: ActorPool, todo: deque, retries: int, summary: JobSummary, bar:
             summary.failed[shard_stem(url)] = err
         else:
             summary.retried += 1
+            summary.retried_shards[shard_stem(url)] = err
             todo.appendleft(url)
 
-    pool.wait_ready()
+    summary.actor_nodes = pool.wait_ready()
     summary.startup_seconds = time.perf_counter() - t0
     for slot in range(len(pool.actors)):
         pool.feed(slot, todo)
@@ -207,8 +211,9 @@ def _drain(pool: ActorPool, todo: deque, retries: int, summary: JobSummary, bar:
             try:
                 record = ray.get(attempt.ref)
             except RayActorError as e:  # the actor or its node died: each shard it held comes back here
-                pool.replace(attempt)
-                retry(attempt.url, f"actor died: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                why = f"{type(e).__name__}: {_actor_death(e)}"
+                pool.replace(attempt, why)
+                retry(attempt.url, f"actor died: {why}")
             except RayTaskError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e
                 error = f"{type(cause).__name__}: {str(cause).splitlines()[-1][:300]}"
@@ -222,6 +227,7 @@ def _drain(pool: ActorPool, todo: deque, retries: int, summary: JobSummary, bar:
             pool.feed(attempt.slot, todo)
         summary.encoded = pool.images()
         summary.actor_restarts = pool.restarts
+        summary.lost_actors = pool.lost
         elapsed = time.perf_counter() - t0
         bar.set_postfix(
             images=summary.encoded,
@@ -230,3 +236,10 @@ def _drain(pool: ActorPool, todo: deque, retries: int, summary: JobSummary, bar:
             failed=len(summary.failed),
             refresh=False,
         )
+
+
+def _actor_death(e: RayActorError) -> str:
+    """The line of Ray's message that says why the actor died (its node died, its process was killed)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    why = [line for line in lines if "died because" in line or "node" in line.lower()]
+    return (why or lines or ["unknown"])[0][:300]

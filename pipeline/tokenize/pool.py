@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.tokenize.actor import ProgressCounter, tokenizer_actor
 from pipeline.tokenize.processor import TokenizeOptions
@@ -47,17 +48,32 @@ class ActorPool:
         self.output = output
         self._cls = tokenizer_actor(cpus, gpus)
         device = "cuda" if gpus > 0 else "cpu"
-        # Actors report images as they encode them, so that progress moves inside a long shard too.
-        self.counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+        # Actors report images as they encode them, so that progress moves inside a long shard too. The
+        # counter lives on the driver's node: losing any other node must not take it (and the job) along.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.counter = ray.remote(num_cpus=0)(ProgressCounter).options(scheduling_strategy=here).remote()
         self._args = (checkpoint, options, device, max(1, int(cpus)), sha256, self.counter)
-        self.actors = [self._cls.remote(*self._args) for _ in range(size)]
+        self.actors: list[ray.actor.ActorHandle] = []
+        self._where: dict[ray.actor.ActorHandle, ray.ObjectRef] = {}  # actor -> ref of its where()
+        for _ in range(size):
+            self.actors.append(self._start())
         self.inflight: dict[ray.ObjectRef, Attempt] = {}
         self.restarts = 0
+        self.lost: list[str] = []  # the actors that died: id, node, pid, why
 
-    def wait_ready(self) -> None:
-        """Block until every actor has loaded its model (one that cannot start fails its shards later)."""
-        with contextlib.suppress(RayActorError):
-            ray.get([a.pid.remote() for a in self.actors])
+    def _start(self) -> ray.actor.ActorHandle:
+        actor = self._cls.remote(*self._args)
+        self._where[actor] = actor.where.remote()  # answered once the model is loaded, kept for the summary
+        return actor
+
+    def wait_ready(self) -> int:
+        """Block until every actor has loaded its model (one that cannot start fails its shards later);
+        the number of nodes they run on."""
+        nodes = set()
+        for actor in self.actors:
+            with contextlib.suppress(RayActorError):
+                nodes.add(ray.get(self._where[actor])["node_id"])
+        return len(nodes)
 
     def feed(self, slot: int, todo) -> None:
         """Send shards from the deque `todo` to actor `slot` until it holds its share."""
@@ -72,12 +88,22 @@ class ActorPool:
         for ref in ready:
             yield self.inflight.pop(ref)
 
-    def replace(self, attempt: Attempt) -> None:
+    def replace(self, attempt: Attempt, why: str) -> None:
         """The actor of `attempt` died: start a fresh one in its slot, once however many shards it held."""
         if self.actors[attempt.slot] is attempt.actor:
             ray.kill(attempt.actor, no_restart=True)
-            self.actors[attempt.slot] = self._cls.remote(*self._args)
+            self.lost.append(f"{self.describe(attempt.actor)}: {why}")
+            self.actors[attempt.slot] = self._start()
             self.restarts += 1
+
+    def describe(self, actor: ray.actor.ActorHandle) -> str:
+        """`actor <id> on node <id> (<ip>), pid <pid>`, as far as the actor told before it died."""
+        name = f"actor {actor._actor_id.hex()[:16]}"
+        try:
+            w = ray.get(self._where.pop(actor), timeout=0)
+        except (RayError, ValueError, KeyError):  # it died before its model was loaded
+            return f"{name} (node unknown: it died starting)"
+        return f"{name} on node {w['node_id'][:16]} ({w['node_ip']}), pid {w['pid']}"
 
     def images(self) -> int:
         return ray.get(self.counter.value.remote())

@@ -20,7 +20,10 @@ class JobSummary:
     notes: Counter = field(default_factory=Counter)  # reason -> notes on rows, this run's shards
     truncated_shards: dict[str, str] = field(default_factory=dict)  # stem -> where it was cut
     retried: int = 0
+    retried_shards: dict[str, str] = field(default_factory=dict)  # stem -> error of its last failed attempt
     actor_restarts: int = 0
+    actor_nodes: int = 0  # nodes the first actors ran on
+    lost_actors: list[str] = field(default_factory=list)  # actor, node, pid and why, for each that died
     seconds: float = 0.0
     startup_seconds: float = 0.0  # until every actor had loaded its model
 
@@ -48,17 +51,29 @@ class JobSummary:
             "one row per view of an image)",
             f"samples skipped: {sum(self.skipped.values())}{_by_reason(self.skipped)}",
         ]
+        if self.actor_nodes:
+            lines.append(f"actors: started on {self.actor_nodes} node(s)")
         if self.notes:
             lines.append(f"notes on kept rows: {sum(self.notes.values())}{_by_reason(self.notes)}")
         for stem, where in self.truncated_shards.items():
             lines.append(f"TRUNCATED {stem}: samples after the cut are lost ({where})")
         if self.retried or self.actor_restarts:
             lines.append(f"retries: {self.retried} shard attempts, {self.actor_restarts} actors replaced")
+        lines += _capped("LOST", self.lost_actors)
+        lines += _capped("RETRIED", [f"{stem} ({err})" for stem, err in self.retried_shards.items()])
         for stem, err in self.failed.items():
             lines.append(
                 f"FAILED {stem}: not committed, its samples are not in the output; rerun to retry ({err})"
             )
         return "\n".join(lines)
+
+
+def _capped(tag: str, items: list[str], most: int = 20) -> list[str]:
+    """One line per item, at most `most` (a run over 10^6 shards can retry thousands)."""
+    lines = [f"{tag} {item}" for item in items[:most]]
+    if len(items) > most:
+        lines.append(f"{tag} ... and {len(items) - most} more")
+    return lines
 
 
 def _by_reason(counts: Counter) -> str:
