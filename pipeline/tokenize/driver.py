@@ -145,11 +145,11 @@ def plan(settings: JobSettings) -> tuple[list[str], dict]:
 def prepare_output(settings: JobSettings, run: dict) -> None:
     """Refuse to mix runs (unless overwrite), clear DIR for overwrite, remove temporary files that a killed
     run left, write the run record."""
-    clear_temporaries(settings.output)
     if settings.on_existing == "overwrite":
         clear_outputs(settings.output)
     else:
         check_run(read_run(settings.output), run)
+    clear_temporaries(settings.output)  # only once the DIR is known to be this run's
     write_run(settings.output, run)
 
 
