@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -263,6 +264,10 @@ def s3_env(monkeypatch):
         yield env
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+        # moto keeps its buckets in process-wide state, which the next test's server would start with
+        urllib.request.urlopen(
+            urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST")
+        )
         server.stop()
 
 
