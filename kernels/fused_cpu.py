@@ -47,6 +47,7 @@ def _source_hash() -> str:
     for path in SOURCES:
         h.update(path.read_bytes())
     h.update(" ".join(CFLAGS).encode())
+    h.update(torch.__version__.encode())  # the build directory is per Python, not per torch: its ABI
     return h.hexdigest()[:16]
 
 
@@ -61,7 +62,11 @@ def _build() -> ModuleType | None:
         from torch.utils.cpp_extension import _get_build_directory, load
 
         name = f"gq_nearest_cpu_{_source_hash()}"
-        clear_stale_lock(os.path.join(_get_build_directory(name, verbose=False), "lock"))
+        directory = _get_build_directory(name, verbose=False)
+        built = _import_built(name, directory)
+        if built is not None:
+            return built
+        clear_stale_lock(os.path.join(directory, "lock"))
         return load(
             name=name,
             sources=[str(SOURCES[0])],
@@ -76,6 +81,24 @@ def _build() -> ModuleType | None:
             "CPU searches use the slower tiled path",
             stacklevel=3,
         )
+        return None
+
+
+def _import_built(name: str, directory: str) -> ModuleType | None:
+    """The extension already built for these sources, flags and torch, imported without torch's `load`:
+    that takes the build directory's lock and runs ninja on every first use in a process, so a process
+    killed meanwhile (an actor, a preempted job) leaves a lock that stalls the next one, and a checkout at
+    another path would rebuild it. None when it is not built yet or does not import (a cut build)."""
+    from torch.utils.cpp_extension import LIB_EXT, _import_module_from_library
+
+    path = os.path.join(directory, f"{name}{LIB_EXT}")
+    if not os.path.exists(path):
+        return None
+    try:
+        return _import_module_from_library(name, directory, True)
+    except ImportError:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)  # let `load` build it again
         return None
 
 

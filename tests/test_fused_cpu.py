@@ -4,6 +4,8 @@ fallback where it cannot build or is switched off."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_search import check_against_reference, random_queries
@@ -155,6 +157,7 @@ def test_auto_picks_the_kernel_and_off_or_a_failed_build_falls_back_to_tiled(mon
     from torch.utils import cpp_extension
 
     monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(fused_cpu, "_import_built", lambda name, directory: None)  # not built yet
     fused_cpu._build.cache_clear()
     try:
         with pytest.warns(UserWarning, match="could not be built"):
@@ -218,3 +221,33 @@ def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_load(tmp_p
     with pytest.warns(UserWarning, match="stale build lock"):
         fused_cpu.clear_stale_lock(str(lock), stale_s=60)
     assert not lock.exists()
+
+
+def test_a_built_kernel_loads_without_the_build_lock(tmp_path):
+    """Once built, a fresh process imports the extension directly: a lock that a killed process left
+    (fresh, so the build path would wait up to STALE_LOCK_S for it) costs nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if fused_cpu.kernel_isa() is None:
+        pytest.skip("the CPU kernel does not build here")
+    name = f"gq_nearest_cpu_{fused_cpu._source_hash()}"
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    lock.touch()
+    try:
+        code = (
+            "import time, torch; t = time.perf_counter(); from kernels import fused_cpu; "
+            "m = fused_cpu._build(); print(m is not None, time.perf_counter() - t)"
+        )
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "PYTHONPATH": str(root)},
+        )  # fmt: skip
+        loaded, seconds = out.stdout.split()
+        assert loaded == "True" and float(seconds) < 20, out.stderr[-2000:]
+    finally:
+        lock.unlink(missing_ok=True)
