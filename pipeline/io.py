@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import posixpath
 
-from gq.storage import remove_temporaries, write_atomic
+from gq.storage import atomic_open, remove_temporaries, write_atomic
 
-__all__ = ["join", "remove_temporaries", "write_atomic"]
+__all__ = ["atomic_open", "join", "remove_temporaries", "write_atomic"]
 
 
 def join(base: str, *parts: str) -> str:

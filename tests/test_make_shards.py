@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from shardmaker import jpeg_bytes, photo_like, real_jpegs
 
+from gq.storage import is_temporary
 from jobs import make_shards
 from pipeline.data.decode import EMPTY, NOT_IMAGE
 from pipeline.data.folder_shards import UNREADABLE
@@ -186,14 +187,14 @@ def test_killed_mid_way_a_rerun_completes_without_duplicates(tmp_path):
         proc.wait(30)
     finished = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.tar")}
     assert sorted(finished) == [f"shard-{i:06d}.tar" for i in range(3)]
-    assert list(out.glob("*.tmp-*"))  # the killed shard's temporary file
+    assert [p for p in out.iterdir() if is_temporary(p.name)]  # the killed shard's temporary file
     os.remove(src / "img07.jpg")
     (src / "img07.jpg").write_bytes(photos[7])
     res = make(["--input", str(lst), "--output", str(out), "--samples-per-shard", "2"])
     assert res.returncode == 0, res.stderr
     assert "12 images in 6 shards" in res.stdout and "3 shards finished before" in res.stdout
     assert {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in finished} == finished
-    assert not list(out.glob("*.tmp-*"))
+    assert not [p for p in out.iterdir() if is_temporary(p.name)]
     got = tar_samples(out)  # asserts no key twice
     assert [int(m["cls"]) for m in got.values()] == [i % 4 for i in range(12)]
     assert got["img/img07"]["jpg"] == photos[7]

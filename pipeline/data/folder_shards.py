@@ -30,7 +30,7 @@ from pipeline.data.decode import EMPTY, NOT_IMAGE, image_format
 from pipeline.data.image_folder import FolderItem, FolderListing, list_image_folder
 from pipeline.data.shard_writer import write_shard
 from pipeline.data.stages import ordered_map
-from pipeline.io import join, write_atomic
+from pipeline.io import join, remove_temporaries, write_atomic
 
 UNREADABLE = "unreadable file"  # the file could not be read (missing, permissions, I/O error)
 PLAN_FILE = "_make_shards.json"
@@ -136,7 +136,7 @@ def make_shards(settings: ShardingSettings) -> ShardingSummary:
     if listing.classes is not None:
         classes = {"classes": listing.classes, "label_of": {c: i for i, c in enumerate(listing.classes)}}
         write_atomic(join(out, CLASSES_FILE), json.dumps(classes, indent=1, ensure_ascii=False).encode())
-    _remove_stale_temporaries(out, settings.prefix)
+    _remove_temporaries(out)
     summary = ShardingSummary(layout=listing.layout, shards=len(shards))
     records = {}
     todo = []
@@ -215,15 +215,13 @@ def _unusable(data: bytes | OSError) -> tuple[str, str] | None:
     return None
 
 
-def _remove_stale_temporaries(out: str, prefix: str) -> None:
-    """Temporary shard files a killed run left behind (local DIR only; an object store has none)."""
+def _remove_temporaries(out: str) -> None:
+    """Temporary shard and record files a killed run left behind (local DIR only; an object store has
+    none)."""
     fs, path = url_to_fs(out)
-    if not isinstance(fs, LocalFileSystem) or not fs.isdir(path):
-        return
-    for p in fs.ls(path, detail=False):
-        name = posixpath.basename(p)
-        if name.startswith(f"{prefix}-") and ".tar.tmp-" in name:
-            fs.rm(p)
+    if isinstance(fs, LocalFileSystem):
+        remove_temporaries(path)
+        remove_temporaries(posixpath.join(path, RECORD_DIR))
 
 
 def _read_json(url: str) -> dict | None:

@@ -5,17 +5,14 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import tarfile
-import tempfile
-import uuid
 from collections.abc import Iterable
 from typing import Any, BinaryIO
 
 import numpy as np
 import zstandard
-from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.io import atomic_open
 
 _COMPRESSIONS = {None: None, "none": None, "gz": "gzip", "gzip": "gzip", "zst": "zstd", "zstd": "zstd"}
 ZSTD_LEVEL = 3
@@ -28,31 +25,12 @@ def write_shard(url: str, samples: Iterable[dict[str, Any]], *, compression: str
     in dict order (other "__" entries are ignored). Values: bytes as is, str as UTF-8, int as ASCII
     digits (e.g. "cls"), dict / list as JSON. `compression` ("gz", "zst" or "none") is inferred from the
     extension (.tar.gz / .tgz / .tar.zst / .tar.zstd) when None. Members have mtime 0, mode 0o444 and no
-    owner, so equal samples give equal bytes. A local file appears only once complete (written under a
-    temporary name, then renamed); a remote object is uploaded once, after the tar is complete.
+    owner, so equal samples give equal bytes. The shard appears under its name only once complete
+    (`gq.storage.atomic_open`: a local temporary name renamed, or one upload).
     """
     kind = _compression_for(url, compression)
-    fs, path = url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):
-        directory = os.path.dirname(path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        temporary = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-        try:
-            with open(temporary, "wb") as f:
-                count = _write_tar(f, samples, kind)
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-        return count
-    with tempfile.TemporaryFile() as f:
-        count = _write_tar(f, samples, kind)
-        f.seek(0)
-        with fs.open(path, "wb") as out:
-            while chunk := f.read(16 * 1024 * 1024):
-                out.write(chunk)
-    return count
+    with atomic_open(url) as f:
+        return _write_tar(f, samples, kind)
 
 
 def _compression_for(url: str, compression: str | None) -> str | None:
