@@ -3,13 +3,27 @@
 
 from __future__ import annotations
 
+import json
 import posixpath
+
+import fsspec
 
 from gq.storage import atomic_open, remove_temporaries, write_atomic
 
-__all__ = ["atomic_open", "join", "remove_temporaries", "write_atomic"]
+__all__ = ["atomic_open", "join", "read_json", "remove_temporaries", "write_atomic"]
 
 
 def join(base: str, *parts: str) -> str:
     """Path join that keeps URL schemes (`s3://b/x` + `y` -> `s3://b/x/y`)."""
     return posixpath.join(base.rstrip("/"), *parts)
+
+
+def read_json(url: str) -> dict | None:
+    """The JSON document at `url`, or None when there is none (listings cached by fsspec are dropped
+    first: another process may have written it since)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())

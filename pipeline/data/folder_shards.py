@@ -30,7 +30,7 @@ from pipeline.data.decode import EMPTY, NOT_IMAGE, image_format
 from pipeline.data.image_folder import FolderItem, FolderListing, list_image_folder
 from pipeline.data.shard_writer import write_shard
 from pipeline.data.stages import ordered_map
-from pipeline.io import join, remove_temporaries, write_atomic
+from pipeline.io import join, read_json, remove_temporaries, write_atomic
 
 UNREADABLE = "unreadable file"  # the file could not be read (missing, permissions, I/O error)
 PLAN_FILE = "_make_shards.json"
@@ -116,7 +116,7 @@ def plan_shards(settings: ShardingSettings) -> tuple[FolderListing, list[list[Fo
         "shards": len(shards),
         "listing_sha256": digest.hexdigest(),
     }
-    previous = _read_json(join(settings.output, PLAN_FILE))
+    previous = read_json(join(settings.output, PLAN_FILE))
     if previous is not None:
         diffs = [k for k in plan if previous.get(k) != plan[k]]
         if diffs:
@@ -141,7 +141,7 @@ def make_shards(settings: ShardingSettings) -> ShardingSummary:
     records = {}
     todo = []
     for number in range(len(shards)):
-        record = _read_json(join(out, RECORD_DIR, shard_name(settings.prefix, number) + ".json"))
+        record = read_json(join(out, RECORD_DIR, shard_name(settings.prefix, number) + ".json"))
         if record is not None:
             records[number] = record
         else:
@@ -222,12 +222,3 @@ def _remove_temporaries(out: str) -> None:
     if isinstance(fs, LocalFileSystem):
         remove_temporaries(path)
         remove_temporaries(posixpath.join(path, RECORD_DIR))
-
-
-def _read_json(url: str) -> dict | None:
-    fs, path = url_to_fs(url)
-    fs.invalidate_cache()
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read())

@@ -17,7 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 import gq
 from pipeline.data.samples import DEFAULT_MAX_MEMBER_BYTES
-from pipeline.io import join, remove_temporaries, write_atomic
+from pipeline.io import join, read_json, remove_temporaries, write_atomic
 
 MANIFEST_DIR = "_manifest"
 RUN_FILE = "_run.json"
@@ -160,12 +160,7 @@ def read_manifest(output: str, stem: str) -> dict:
 
 
 def read_run(output: str) -> dict | None:
-    fs, path = fsspec.core.url_to_fs(join(output, RUN_FILE))
-    fs.invalidate_cache()
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read())
+    return read_json(join(output, RUN_FILE))
 
 
 def check_run(previous: dict | None, current: dict) -> None:
