@@ -114,12 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # resolved here, on the driver's CPU, so the run record pins a concrete precision
-    recorded_run = None
+    recorded_preprocessing = {}  # of the run in DIR, if any
     with contextlib.suppress(OSError, ValueError):  # an unreadable DIR is reported by plan() below
-        recorded_run = (read_run(args.output) or {}).get("preprocessing") or {}
-    recorded = (recorded_run or {}).get("encoder_precision")
+        recorded_preprocessing = (read_run(args.output) or {}).get("preprocessing") or {}
+    recorded = recorded_preprocessing.get("encoder_precision")
     # a directory from before width/height columns resumes without them, so that its files agree
-    source_size = not (recorded_run and args.on_existing == "skip" and "source_size" not in recorded_run)
+    resumed = bool(recorded_preprocessing) and args.on_existing == "skip"
+    source_size = not (resumed and "source_size" not in recorded_preprocessing)
     gpu = args.gpus_per_actor > 0
     precision, warning = resolve_encoder_precision(args.encoder_precision, gpu=gpu, recorded=recorded)
     if warning:
