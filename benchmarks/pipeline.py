@@ -2,7 +2,7 @@
 
 Run: `python benchmarks/pipeline.py [--source DIR] [--shards 20] [--per-shard 32] [--json]`.
 The shards are re-packed from `--source` (a folder of WebDataset shards, e.g. the real photos that
-../shared/data/build_dev_photos.sh writes) or, without it, from synthetic photo-like JPEGs. Both sides
+benchmarks/build_dev_photos.sh writes) or, without it, from synthetic photo-like JPEGs. Both sides
 decode, preprocess, tokenize and write one Parquet file per shard with the same checkpoint. The pipeline
 runs in a child process per measurement (`jobs/tokenize.py`'s code path, embedded Ray), so its peak
 memory (driver and actor) can be compared between 1 shard and all shards.

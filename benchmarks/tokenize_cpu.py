@@ -2,7 +2,7 @@
 the demo model, all measured in one run.
 
 Run: `python benchmarks/tokenize_cpu.py --source '/tmp/devphotos/{train,val}/shard-000000.tar' --json o.json`
-(the photos: `bash ../shared/data/build_dev_photos.sh /tmp/devphotos --train-crops 200`, 400 real 256x256
+(the photos: `bash benchmarks/build_dev_photos.sh /tmp/devphotos --train-crops 200`, 400 real 256x256
 crops). Three parts:
 - real posteriors: the demo model's float32 posteriors of every image, searched by the fused kernel: the
   share of queries it cannot certify (they take the float64 finish) and the search's ms per image, fused

@@ -1,4 +1,9 @@
-"""The fixed Gaussian codebook of GQ: K quasi-random (or i.i.d.) N(0, I) vectors, rebuilt from a recipe."""
+"""The fixed Gaussian codebook of GQ: K quasi-random (or i.i.d.) N(0, I) vectors, rebuilt from a recipe.
+
+From Xu et al., "Vector Quantization using Gaussian Variational Autoencoder" (arXiv 2512.06609):
+the codebook is a sample of the prior; the authors' code draws it as scrambled Sobol points through
+the inverse normal CDF, which `kind="sobol"` reproduces bit for bit (docs/METHOD.md, section 2).
+"""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ PRESETS: dict[str, NetworkConfig] = {
 
 LATENT_CHANNELS = 16
 
-# bits per pixel at K = 2^16 -> (codebook dim d, groups G); d * G = 16 channels (GQ_NOTES.md section 5).
+# bits per pixel at K = 2^16 -> (codebook dim d, groups G); d * G = 16 channels (docs/METHOD.md, section 5).
 OPERATING_POINTS: dict[float, tuple[int, int]] = {0.25: (16, 1), 0.5: (8, 2), 1.0: (4, 4)}
 
 

@@ -2,6 +2,10 @@
 
 `quantize` / `dequantize` are pure functions over tensors; `GaussianQuantizer` is the thin module that
 holds the codebook (as a buffer, so it follows `.to(device)`) and the settings.
+
+Gaussian Quant (GQ) is from Xu et al., "Vector Quantization using Gaussian Variational Autoencoder"
+(arXiv 2512.06609); the posterior rule is the authors' code (`pit/quantization/gaussian.py`).
+The method as implemented, and where it differs from that code: docs/METHOD.md, section 3.
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
 """The Target Divergence Constraint: a KL loss whose multipliers push every group's KL towards log2 K bits.
 
 Loss = weight * lam * (1/B) * sum_{b, position, g} w_g * kappa_g, kappa_g the group's KL in bits and
-w_g = lam_max above T + alpha, 1 inside the band, lam_min below T - alpha (GQ_NOTES.md section 4).
+w_g = lam_max above T + alpha, 1 inside the band, lam_min below T - alpha (docs/METHOD.md, section 4).
 Unlike the reference, the multipliers are buffers (saved with the model), their update is an explicit
 call made once per autoencoder optimiser step, the KL statistics are all-reduced across data-parallel
 ranks first (every rank holds the same multipliers), and every multiplier is clipped.
+
+The Target Divergence Constraint is from Xu et al., "Vector Quantization using Gaussian Variational
+Autoencoder" (arXiv 2512.06609); docs/METHOD.md, section 4, lists each difference from the
+authors' code and why.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Train the GQ-VAE (Gaussian VAE + TDC) on WebDataset image shards with Ray Train.
 
 Run on a cluster:   ray job submit --working-dir . -- python jobs/train_vae.py --preset paper-f8c16 \\
-                        --data 's3://b/train-{000000..001023}.tar' --output /shared/gq025 --workers 8 --gpu
+                        --data 's3://b/train-{000000..001023}.tar' --output /mnt/runs/gq025 --workers 8 --gpu
 Run locally:        python jobs/train_vae.py --preset small-f8c16 --data shards/ --output runs/small \\
                         --image-size 64 --max-steps 2000
 Started again with the same --output after any interruption, it resumes from the last checkpoint (step,

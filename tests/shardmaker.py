@@ -162,8 +162,8 @@ def exif_rotated_jpeg(height: int = 100, width: int = 200, orientation: int = 6)
 
 
 def bad_input_samples() -> tuple[list[dict[str, Any]], dict[str, str | None]]:
-    """One sample per case of DESIGN.md's "Bad input" list, ready for write_shard, and the expected outcome
-    per key: the skip reason, or None for a sample that must become a row.
+    """One sample per case of the "Bad input" list of docs/BAD_INPUT.md, ready for write_shard, and the
+    expected outcome per key: the skip reason, or None for a sample that must become a row.
 
     The key "dup" is given twice (with another sample between): its entry is the outcome of the later
     occurrence; the first occurrence must be a row.

@@ -76,3 +76,22 @@ def test_no_import_cycles():
         if node not in state:
             visit(node, [node])
     assert not cycles, cycles
+
+
+def test_repository_is_self_contained():
+    """Users and a clone have only this repository: no file of it points at the team's shared folder."""
+    roots = [
+        REPO / "README.md",
+        *(REPO / d for d in ("docs", "gq", "kernels", "pipeline", "jobs", "benchmarks")),
+    ]
+    files = [
+        p for r in roots for p in ([r] if r.is_file() else r.rglob("*")) if p.suffix in (".py", ".md", ".sh")
+    ]
+    outside = ("../shared", "GQ_NOTES", "DESIGN.md")
+    hits = [
+        f"{p.relative_to(REPO)}:{number}"
+        for p in files
+        for number, line in enumerate(p.read_text().splitlines(), 1)
+        if any(name in line for name in outside)
+    ]
+    assert not hits, hits

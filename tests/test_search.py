@@ -69,7 +69,7 @@ def test_beta_is_honoured(beta):
 
 
 def test_rules_differ_as_documented():
-    # The posterior rule is not nearest neighbour of mu; GQ_NOTES.md: they agree on ~60% of draws.
+    # The posterior rule is not nearest neighbour of mu; docs/METHOD.md: they agree on ~60% of draws.
     codes = GaussianCodebook(4096, 4).vectors
     mu, logvar = random_queries(4000, 4, seed=5)
     same = (nearest_code(mu, logvar, codes) == nearest_code(mu, None, codes, rule="mean")).float().mean()

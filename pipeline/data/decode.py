@@ -30,7 +30,7 @@ from pipeline.data.samples import (
 from pipeline.data.views import crop_views
 
 # Every reason a sample is skipped (REASONS) or noted while still becoming a row (NOTES), defined once:
-# here, or in pipeline/samples.py for what the tar reader decides.
+# here, or in pipeline/data/samples.py for what the tar reader decides.
 TRUNCATED = "truncated image"
 CORRUPT = "corrupt image"
 EMPTY = "empty member"

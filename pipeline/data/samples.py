@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import zstandard
 
-# Reasons a sample is skipped or noted here; pipeline/decode.py lists every reason (REASONS, NOTES).
+# Reasons a sample is skipped or noted here; pipeline/data/decode.py lists every reason (REASONS, NOTES).
 TAR_TRUNCATED = "tar truncated"
 DUPLICATE = "duplicate key"
 MEMBER_TOO_LARGE = "member too large"

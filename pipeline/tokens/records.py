@@ -81,7 +81,7 @@ class Provenance:
         }
 
     def file_metadata(self) -> dict:
-        """The `gq` key-value metadata of every token file (DESIGN.md's token-file contract)."""
+        """The `gq` key-value metadata of every token file (docs/FORMAT.md)."""
         q = self.model.config.quantizer
         return {k: v for k, v in self.run_record().items() if k != "quantizer"} | {
             "codebook": q.codebook.to_dict(),

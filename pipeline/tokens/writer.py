@@ -1,4 +1,4 @@
-"""Token files: the Parquet schema and `gq` metadata of DESIGN.md."""
+"""Token files: the Parquet schema and `gq` metadata (the contract is docs/FORMAT.md)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def token_type(codebook_size: int) -> pa.DataType:
 def token_schema(
     tokens_per_image: int, codebook_size: int, metadata: dict | None = None, extra: tuple[pa.Field, ...] = ()
 ) -> pa.Schema:
-    """DESIGN.md's columns, then `extra` ones (view, width, height, kept members: see token_table)."""
+    """The columns of docs/FORMAT.md, then `extra` ones (view, width, height, kept members: token_table)."""
     fields = [
         pa.field("key", pa.string(), nullable=False),
         pa.field("shard", pa.string(), nullable=False),
