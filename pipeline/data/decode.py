@@ -71,7 +71,7 @@ _ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "JPEG200
 Image.init()
 _FORMATS = tuple(f for f in _ALLOWED_FORMATS if f in Image.OPEN)
 
-_ORIENTATION = 0x0112
+EXIF_ORIENTATION = 0x0112
 _TRANSPOSING = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 # With draft decoding a JPEG's shorter side is kept at least this many times the target size, so that the
 # exact antialiased resize still does the last step: on 31 real 1.3-17.9 MP photos the 256 px crops are
@@ -451,7 +451,7 @@ def _sniff(data: bytes) -> str | None:
 def _orientation(image: Image.Image) -> int:
     """The EXIF orientation tag, 1 (as stored) when absent or unreadable (the pixels are fine then)."""
     try:
-        return image.getexif().get(_ORIENTATION, 1)
+        return image.getexif().get(EXIF_ORIENTATION, 1)
     except Exception:
         return 1
 

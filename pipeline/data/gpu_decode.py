@@ -15,11 +15,18 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from pipeline.data.decode import DecodeLimits, SkipSample, check_size, find_image, label_of, notes_of
+from pipeline.data.decode import (
+    EXIF_ORIENTATION,
+    DecodeLimits,
+    SkipSample,
+    check_size,
+    find_image,
+    label_of,
+    notes_of,
+)
 from pipeline.data.preprocess import resized_shape
 from pipeline.data.samples import Note, Sample
 
-_ORIENTATION = 0x0112
 RESIZE = "shorter side to image_size, torch bicubic antialias on the GPU (nvJPEG decode)"
 
 
@@ -57,7 +64,7 @@ def screen(sample: Sample, limits: DecodeLimits) -> EncodedJpeg | None:
     try:
         with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
             mode, (width, height) = image.mode, image.size
-            orientation = image.getexif().get(_ORIENTATION, 1)
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
     except Exception:
         return None  # the CPU decoder names what is wrong
     if mode not in ("RGB", "L") or orientation != 1:
