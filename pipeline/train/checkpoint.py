@@ -13,15 +13,44 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import gq
-from pipeline.train.data import DataPosition
+from pipeline.train.data import DataPosition, TrainBatches
+from pipeline.train.step import Trainee
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's checkpoint list in that directory
+
+
+@dataclass
+class TrainState:
+    """The run's counters, saved in every checkpoint and advanced once per step."""
+
+    step: int = 0  # optimizer steps done
+    images: int = 0  # training images seen, over all workers
+
+    def advance(self, images: int) -> None:
+        self.step += 1
+        self.images += images
+
+    @classmethod
+    def of(cls, trainer: dict) -> TrainState:
+        """The counters of a loaded `trainer.pt`."""
+        return cls(step=int(trainer["step"]), images=int(trainer["images"]))
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What a worker restores from a checkpoint besides the weights: the counters, its data position and
+    its skip counts."""
+
+    state: TrainState
+    position: DataPosition
+    skipped: dict
 
 
 def prepare_resume(experiment: Path) -> str | None:
@@ -96,7 +125,14 @@ def checkpoint_complete(path: Path) -> bool:
 
 
 def save_checkpoint(
-    step, state, model, disc, ae_opt, disc_opt, noise, batches, rank, world, s, metrics
+    t: Trainee,
+    state: TrainState,
+    *,
+    batches: TrainBatches,
+    rank: int,
+    world: int,
+    settings_record: dict,
+    metrics: dict,
 ) -> None:
     """Every worker writes its files into one Ray Train checkpoint `step-{N:08d}` (merged in storage)."""
     import ray.train
@@ -104,76 +140,78 @@ def save_checkpoint(
     with tempfile.TemporaryDirectory(prefix="gq-ckpt-") as tmp:
         path = Path(tmp)
         if rank == 0:
-            torch.save(
-                {
-                    "model": model.state_dict(),  # includes the TDC multipliers (float64 buffers)
-                    "disc": disc.state_dict(),
-                    "ae_opt": ae_opt.state_dict(),
-                    "disc_opt": disc_opt.state_dict(),
-                    "step": step,
-                    "images": state["images"],
-                },
-                path / "trainer.pt",
-            )
-            meta = {
-                "step": step,
-                "world_size": world,
-                "trainer_bytes": (path / "trainer.pt").stat().st_size,
-                "settings": s.to_dict(),
-            }
-            (path / "checkpoint.json").write_text(json.dumps(meta, indent=2))
+            write_trainer(path, t, state, world, settings_record)
         rank_state = {
             "rank": rank,
             "world_size": world,
-            "step": step,
+            "step": state.step,
             "position": batches.position.to_dict(),
             "skipped": dict(batches.skipped),
-            "noise_rng": base64.b64encode(noise.get_state().cpu().numpy().tobytes()).decode("ascii"),
+            "noise_rng": base64.b64encode(t.noise.get_state().cpu().numpy().tobytes()).decode("ascii"),
         }
         (path / f"rank-{rank}.json").write_text(json.dumps(rank_state))
-        report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))} | {"step": step}
+        report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))} | {"step": state.step}
         ray.train.report(
             report,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"step-{step:08d}",
+            checkpoint_dir_name=f"step-{state.step:08d}",
         )
 
 
-def restore(path: Path, model, disc, ae_opt, disc_opt, noise, rank: int, world: int):
-    """Load a checkpoint directory into the objects; returns (state, data position, skip counts)."""
+def write_trainer(path: Path, t: Trainee, state: TrainState, world: int, settings_record: dict) -> None:
+    """Rank 0's part of a checkpoint: `trainer.pt`, then `checkpoint.json` (it records trainer.pt's size)."""
+    trainer = {
+        "model": t.model.state_dict(),  # includes the TDC multipliers (float64 buffers)
+        "disc": t.disc.state_dict(),
+        "ae_opt": t.ae_opt.state_dict(),
+        "disc_opt": t.disc_opt.state_dict(),
+        "step": state.step,
+        "images": state.images,
+    }
+    torch.save(trainer, path / "trainer.pt")
+    meta = {
+        "step": state.step,
+        "world_size": world,
+        "trainer_bytes": (path / "trainer.pt").stat().st_size,
+        "settings": settings_record,
+    }
+    (path / "checkpoint.json").write_text(json.dumps(meta, indent=2))
+
+
+def restore(path: Path, t: Trainee, *, rank: int, world: int) -> Resumed:
+    """Load a checkpoint directory into the trainee; its counters, this worker's data position and skips."""
     trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(trainer["model"])
-    disc.load_state_dict(trainer["disc"])
-    ae_opt.load_state_dict(trainer["ae_opt"])
-    disc_opt.load_state_dict(trainer["disc_opt"])
-    state = {"step": int(trainer["step"]), "images": int(trainer["images"])}
+    t.model.load_state_dict(trainer["model"])
+    t.disc.load_state_dict(trainer["disc"])
+    t.ae_opt.load_state_dict(trainer["ae_opt"])
+    t.disc_opt.load_state_dict(trainer["disc_opt"])
+    state = TrainState.of(trainer)
     mine = path / f"rank-{rank}.json"
     saved = json.loads(mine.read_text()) if mine.exists() else None
     if saved is not None and saved["world_size"] == world:
-        position = DataPosition.from_dict(saved["position"])
         raw = np.frombuffer(base64.b64decode(saved["noise_rng"]), dtype=np.uint8)
-        noise.set_state(torch.from_numpy(raw.copy()))
-        return state, position, saved["skipped"]
+        t.noise.set_state(torch.from_numpy(raw.copy()))
+        return Resumed(state, DataPosition.from_dict(saved["position"]), saved["skipped"])
     # another worker count: the per-worker positions do not map; start the next epoch of the new split
     first = json.loads((path / "rank-0.json").read_text())
     epoch = DataPosition.from_dict(first["position"]).epoch + 1
     made_by = first["world_size"]
     say(f"[gq-train] rank {rank}: checkpoint made by {made_by} workers, now {world}: data from epoch {epoch}")
-    return state, DataPosition(epoch=epoch), {}
+    return Resumed(state, DataPosition(epoch=epoch), {})
 
 
-def export(model: gq.GQVAE, out: Path, state: dict, provenance: dict, keep_step: bool) -> None:
+def export(model: gq.GQVAE, out: Path, state: TrainState, provenance: dict, *, keep_step: bool) -> None:
     """The inference checkpoint DIR/model.safetensors (and model-step{N}.safetensors)."""
-    provenance = provenance | {"steps": state["step"], "images_seen": state["images"]}
+    provenance = provenance | {"steps": state.step, "images_seen": state.images}
     gq.save(model, str(out / "model.safetensors"), provenance)
     if keep_step:
-        gq.save(model, str(out / f"model-step{state['step']}.safetensors"), provenance)
+        gq.save(model, str(out / f"model-step{state.step}.safetensors"), provenance)
 
 
-def reexport(model: gq.GQVAE, out: Path, state: dict, provenance: dict) -> None:
+def reexport(model: gq.GQVAE, out: Path, state: TrainState, provenance: dict) -> None:
     """A run already at max_steps: write DIR/model.safetensors again from its final checkpoint."""
     export(model, out, state, provenance, keep_step=False)
-    say(f"[gq-train] {out} is already trained to step {state['step']}; re-exported model.safetensors")
+    say(f"[gq-train] {out} is already trained to step {state.step}; re-exported model.safetensors")
 
 
 def say(text: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from gq.losses import gan_active
-from pipeline.train.checkpoint import export, reexport, restore, save_checkpoint
+from pipeline.train.checkpoint import Resumed, TrainState, export, reexport, restore, save_checkpoint
 from pipeline.train.config import TrainSettings
 from pipeline.train.data import DataPosition, TrainBatches
 from pipeline.train.metrics import MetricsLog, Progress, Window, gather_ranks, reduce_skips, tdc_values
@@ -17,28 +17,26 @@ from pipeline.train.step import Trainee, build_trainee, train_step
 from pipeline.train.validation import format_val, load_val_images, validate
 
 
-def resume(
-    t: Trainee, resume_from: str | None, log: MetricsLog, rank: int, world: int
-) -> tuple[dict, DataPosition, dict]:
+def resume(t: Trainee, resume_from: str | None, log: MetricsLog, rank: int, world: int) -> Resumed:
     """Load Ray Train's checkpoint (else `resume_from`, the newest complete one on disk) into `t`; the
-    step counters, this worker's data position and skip counts (fresh ones when there is none)."""
+    counters, this worker's data position and skip counts (fresh ones when there is none)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    parts = (t.model, t.disc, t.ae_opt, t.disc_opt, t.noise, rank, world)
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
-            state, position, skipped = restore(Path(path), *parts)
+            resumed = restore(Path(path), t, rank=rank, world=world)
         source = checkpoint.path
     elif resume_from:
-        state, position, skipped = restore(Path(resume_from), *parts)
+        resumed = restore(Path(resume_from), t, rank=rank, world=world)
         source = resume_from
     else:
-        return {"step": 0, "images": 0}, DataPosition(), {}
+        return Resumed(TrainState(), DataPosition(), {})
     first = next(iter(t.ae_opt.state.values()), {})
-    record = {"event": "resume", "step": state["step"], "from": str(source), "position": position.to_dict()}
+    position = resumed.position.to_dict()
+    record = {"event": "resume", "step": resumed.state.step, "from": str(source), "position": position}
     log.write(record | tdc_values(t.model) | {"adam_step": float(first.get("step", 0))})
-    return state, position, skipped
+    return resumed
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -57,13 +55,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     t = build_trainee(s.model_config(), s.loss, s.optim.lr, s.seed, device, rank)
 
-    state, position, skipped = resume(t, config.get("resume_from"), log, rank, world)
-    prov = config["provenance"]
+    resumed = resume(t, config.get("resume_from"), log, rank, world)
+    state, prov = resumed.state, config["provenance"]
 
-    if state["step"] >= s.optim.max_steps:  # nothing left to train: re-export and finish
+    if state.step >= s.optim.max_steps:  # nothing left to train: re-export and finish
         if rank == 0:
             reexport(t.model, out, state, prov)
-        ray.train.report({"step": state["step"], "images_seen": state["images"], "done": 1})
+        ray.train.report({"step": state.step, "images_seen": state.images, "done": 1})
         return
 
     if world > 1:
@@ -78,10 +76,10 @@ def train_loop_per_worker(config: dict) -> None:
         rank=rank,
         world=world,
         seed=s.seed,
-        position=position,
+        position=resumed.position,
         threads=s.inputs.decode_threads,
     )
-    batches.skipped.update(skipped)
+    batches.skipped.update(resumed.skipped)
     val_images = load_val_images(config["val_shards"], s) if rank == 0 and config["val_shards"] else None
     try:
         run_steps(t, s, batches, state, log, val_images, prov, rank, world)
@@ -93,32 +91,32 @@ def run_steps(
     t: Trainee,
     s: TrainSettings,
     batches: TrainBatches,
-    state: dict,
+    state: TrainState,
     log: MetricsLog,
     val_images: torch.Tensor | None,
     prov: dict,
     rank: int,
     world: int,
 ) -> None:
-    """Train from `state["step"]` to `max_steps`: a step, then the metric lines, validation and export
+    """Train from `state.step` to `max_steps`: a step, then the metric lines, validation and export
     (rank 0), and checkpoints on their schedules."""
     out, device = Path(s.output), t.model.device
-    progress = Progress(rank == 0, state["step"], s.optim.max_steps)
+    progress = Progress(rank == 0, state.step, s.optim.max_steps)
     window = Window()
     metrics: dict = {}
-    step = state["step"]
+    per_step = s.inputs.batch_size * world
     try:
-        while step < s.optim.max_steps:
-            step += 1
+        while state.step < s.optim.max_steps:
+            step = state.step + 1
             start = time.perf_counter()
             images = next(batches).to(device, non_blocking=True)
             values, kl = train_step(t, images, step, s.loss)
-            state["step"], state["images"] = step, state["images"] + s.inputs.batch_size * world
-            window.add(values, time.perf_counter() - start, s.inputs.batch_size * world)
+            state.advance(per_step)
+            window.add(values, time.perf_counter() - start, per_step)
             last = step == s.optim.max_steps
             if step % s.schedule.log_every == 0 or last:
                 gan = gan_active(step, s.loss)
-                metrics = window.reduce(step, state["images"], batches.position.epoch, gan)
+                metrics = window.reduce(step, state.images, batches.position.epoch, gan)
                 metrics |= t.model.tdc.log_dict(kl) | gather_ranks(t.model, world)
                 metrics |= {"skipped": reduce_skips(batches.skipped, device, world)}
                 log.write(metrics)
@@ -131,7 +129,14 @@ def run_steps(
                     progress.note(f"validation at step {step}: " + format_val(val))
                 export(t.model, out, state, prov | {"val": val}, keep_step=s.schedule.keep_step_exports)
             if step % s.schedule.checkpoint_every == 0 or last:
-                parts = (t.model, t.disc, t.ae_opt, t.disc_opt, t.noise, batches, rank, world, s, metrics)
-                save_checkpoint(step, state, *parts)
+                save_checkpoint(
+                    t,
+                    state,
+                    batches=batches,
+                    rank=rank,
+                    world=world,
+                    settings_record=s.to_dict(),
+                    metrics=metrics,
+                )
     finally:
         progress.close()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -38,7 +37,8 @@ import gq
 from gq.losses import load_perceptual
 from pipeline import ROOT
 from pipeline.data.shards import expand_shards
-from pipeline.train.checkpoint import latest_checkpoint, prepare_resume, reexport
+from pipeline.io import write_atomic
+from pipeline.train.checkpoint import TrainState, latest_checkpoint, prepare_resume, reexport
 from pipeline.train.config import TrainSettings
 from pipeline.train.loop import train_loop_per_worker
 
@@ -133,11 +133,9 @@ def export_finished(settings: TrainSettings) -> TrainResult | None:
     trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     model = gq.GQVAE(settings.model_config())
     model.load_state_dict(trainer["model"])
-    state = {"step": int(trainer["step"]), "images": int(trainer["images"])}
+    state = TrainState.of(trainer)
     reexport(model, out, state, run_provenance(settings, commit))
-    return TrainResult(
-        state["step"], str(out), str(out / "model.safetensors"), {"step": state["step"]}, str(path)
-    )
+    return TrainResult(state.step, str(out), str(out / "model.safetensors"), {"step": state.step}, str(path))
 
 
 def run_provenance(settings: TrainSettings, commit: str | None) -> dict:
@@ -192,6 +190,4 @@ def write_run_json(out: Path, settings: TrainSettings, commit: str | None) -> No
         "model_config": settings.model_config().to_dict(),
         "starts": starts,
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(str(path), (json.dumps(record, indent=2) + "\n").encode())
