@@ -49,6 +49,7 @@ class KLHistogram:
         self.counts = torch.zeros(self.bins + 1, dtype=torch.int64)  # last: values >= high
         self.count = 0
         self.sum = 0.0
+        self.sum_sq = 0.0
         self.min = math.inf
         self.max = -math.inf
         self.above = 0
@@ -62,6 +63,7 @@ class KLHistogram:
         self.counts += torch.bincount(index, minlength=self.bins + 1).cpu()
         self.count += v.numel()
         self.sum += float(v.sum())
+        self.sum_sq += float(v.square().sum())
         self.min = min(self.min, float(v.min()))
         self.max = max(self.max, float(v.max()))
         self.above += int((v > self.target_bits).sum())
@@ -81,6 +83,14 @@ class KLHistogram:
         value = (b + (rank - before) / inside) * self.bin_bits if inside else b * self.bin_bits
         return min(max(value, self.min), self.max)
 
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (n - 1), 0 for a single value."""
+        n = self.count
+        if n < 2:
+            return 0.0 if n else math.nan
+        return math.sqrt(max(self.sum_sq - self.sum * self.sum / n, 0.0) / (n - 1))
+
     def summary(self) -> dict:
         n = self.count
         return {
@@ -90,6 +100,7 @@ class KLHistogram:
             "min": self.min if n else math.nan,
             "mean": self.sum / n if n else math.nan,
             "max": self.max if n else math.nan,
+            "std": self.std,
             "percentiles": {f"p{p}": self.quantile(p / 100) for p in PERCENTILES},
             "above_target": self.above,
             "above_target_fraction": self.above / n if n else math.nan,

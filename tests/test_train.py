@@ -214,6 +214,9 @@ def test_validation_metrics_match_the_model_api():
     assert val["codebook_usage"] == val["codes_used"] / 65536
     assert val["kl_bits_mean"] == pytest.approx(float(kappa.mean()), rel=1e-5)
     assert val["kl_bits_max"] == pytest.approx(float(kappa.max()), rel=1e-5)
+    assert val["kl_bits_std"] == pytest.approx(float(kappa.double().std()), rel=1e-5)
+    in_band = ((kappa - val["kl_bits_target"]).abs() <= model.config.tdc.tolerance).double().mean()
+    assert val["kl_bits_in_band"] == pytest.approx(float(in_band))
 
 
 def run_job(*args, env=None, timeout=60):

@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 import gq
-from gq.metrics import codebook_usage, psnr
-from gq.tdc import kl_bits
+from gq.evaluation import Evaluator
 from pipeline.data.decode import Decoded, decode_sample
 from pipeline.data.stages import decoded, shard_samples
 
@@ -27,42 +26,28 @@ def load_val_images(val_shards: list[str], s: TrainSettings) -> torch.Tensor | N
     return torch.from_numpy(np.stack(images)) if images else None
 
 
-@torch.no_grad()
 def validate(model: gq.GQVAE, images: torch.Tensor, s: TrainSettings) -> dict:
-    """PSNR of the continuous (decode mu) and GQ-quantized reconstructions, codebook usage, KL spread."""
-    continuous, quantized, tokens, kappa = [], [], [], []
+    """PSNR of the continuous (decode mu) and GQ-quantized reconstructions, codebook usage, KL spread: the
+    evaluation job's `gq.evaluation.Evaluator`, flattened into the metrics log's fields."""
+    ev = Evaluator(model, examples=0)
     for i in range(0, len(images), s.inputs.batch_size):
-        x = images[i : i + s.inputs.batch_size]
-        mu, logvar = model.encode(x)
-        recon = model.decode(mu).clamp_(-1.0, 1.0)  # = model.reconstruct(x)
-        t = model.quantizer.quantize(mu, logvar)  # = model.tokenize(x)
-        continuous.append(psnr(x, recon.cpu()))
-        quantized.append(psnr(x, model.detokenize(t).cpu()))
-        tokens.append(t.cpu())
-        c = model.config.tdc
-        kappa.append(kl_bits(mu, logvar, c.groups, c.layout).flatten().double().cpu())
-    k = torch.cat(kappa)
-    c = model.config.tdc
-    usage = codebook_usage(torch.cat(tokens), model.config.quantizer.codebook.size)
+        ev.update(images[i : i + s.inputs.batch_size])
+    r = ev.result()
+    kl, codebook = r["kl_bits"], r["codebook"]
     return {
-        "val_images": len(images),
-        "psnr_continuous": finite_mean(torch.cat(continuous)),
-        "psnr_quantized": finite_mean(torch.cat(quantized)),
-        "codebook_usage": usage["usage"],
-        "codes_used": usage["used"],
-        "code_perplexity": usage["perplexity"],
-        "kl_bits_mean": float(k.mean()),
-        "kl_bits_std": float(k.std()) if k.numel() > 1 else 0.0,
-        "kl_bits_min": float(k.min()),
-        "kl_bits_max": float(k.max()),
-        "kl_bits_in_band": float(((k - c.target_bits).abs() <= c.tolerance).double().mean()),
-        "kl_bits_target": c.target_bits,
+        "val_images": r["images"],
+        "psnr_continuous": r["continuous"]["psnr_db"],
+        "psnr_quantized": r["gq"]["psnr_db"],
+        "codebook_usage": codebook["usage"],
+        "codes_used": codebook["used"],
+        "code_perplexity": codebook["perplexity"],
+        "kl_bits_mean": kl["mean"],
+        "kl_bits_std": kl["std"],
+        "kl_bits_min": kl["min"],
+        "kl_bits_max": kl["max"],
+        "kl_bits_in_band": kl["within_band_fraction"],
+        "kl_bits_target": kl["target_bits"],
     }
-
-
-def finite_mean(values: torch.Tensor) -> float:
-    """Mean PSNR; an exact reconstruction (inf) counts as 100 dB."""
-    return float(values.clamp(max=100.0).mean())
 
 
 def format_val(val: dict) -> str:
