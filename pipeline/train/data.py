@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -25,7 +24,7 @@ from pipeline.data.decode import DEFAULT_LIMITS, Decoded, DecodeLimits, decode_s
 from pipeline.data.preprocess import to_model_input
 from pipeline.data.samples import SHARD_UNREADABLE, Sample, Skip
 from pipeline.data.shards import open_shard
-from pipeline.data.stages import shard_samples
+from pipeline.data.stages import ordered_map, shard_samples
 
 MAX_EXAMPLES = 20  # skipped samples kept (key, reason, detail) for the logs
 
@@ -104,8 +103,8 @@ class TrainBatches:
         self.decoded = 0  # images that went into batches
         self.opener = opener
         self.max_consecutive_skips = max_consecutive_skips
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
-        self._items: Iterator | None = None
+        self.threads = threads if threads > 1 else 0  # 0 or 1: decode inline
+        self._items: Iterator[tuple[Decoded | Skip, DataPosition]] | None = None
 
     def __iter__(self) -> TrainBatches:
         return self
@@ -116,21 +115,20 @@ class TrainBatches:
     def next_images(self) -> list[np.ndarray]:
         """The next batch as uint8 (image_size, image_size, 3) images; advances `position`."""
         if self._items is None:
-            self._items = self._raw_items(self.position)
+            # the decode stage every reader uses; it reads a few items ahead, but `position` only moves
+            # with the items consumed, so it stays exact for a checkpoint taken between batches
+            window = 4 * max(self.threads, 1)
+            self._items = ordered_map(self._decode, self._raw_items(self.position), self.threads, window)
         images: list[np.ndarray] = []
         failures = 0
         while len(images) < self.batch_size:
-            # read exactly as many items as still missing, so `position` ends right after the last one used
-            chunk = [next(self._items) for _ in range(self.batch_size - len(images))]
-            mapper = self._pool.map if self._pool is not None else map
-            for (_, _, after), result in zip(chunk, mapper(self._decode, chunk)):
-                self.position = after
-                if isinstance(result, Decoded):
-                    images.append(result.image)
-                    failures = 0
-                else:
-                    self._count(result)
-                    failures += 1
+            result, self.position = next(self._items)
+            if isinstance(result, Decoded):
+                images.append(result.image)
+                failures = 0
+                continue
+            self._count(result)
+            failures += 1
             if failures > self.max_consecutive_skips:
                 raise RuntimeError(
                     f"worker {self.rank}: {failures} samples in a row could not be used "
@@ -141,11 +139,12 @@ class TrainBatches:
 
     def _decode(
         self, entry: tuple[Sample | Skip, np.random.Generator | None, DataPosition]
-    ) -> Decoded | Skip:
-        item, rng, _ = entry
+    ) -> tuple[Decoded | Skip, DataPosition]:
+        """(the decoded image or the skip, the position after this item)."""
+        item, rng, after = entry
         if isinstance(item, Skip):
-            return item
-        return decode_sample(item, image_size=self.image_size, limits=self.limits, train_rng=rng)
+            return item, after
+        return decode_sample(item, image_size=self.image_size, limits=self.limits, train_rng=rng), after
 
     def _count(self, skip: Skip) -> None:
         self.skipped[skip.reason] += 1
@@ -181,6 +180,7 @@ class TrainBatches:
             epoch, first_shard, first_sample = epoch + 1, 0, 0
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        """Stop the decode threads (read-ahead work is cancelled)."""
+        if self._items is not None:
+            self._items.close()
+            self._items = None
