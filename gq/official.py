@@ -22,12 +22,12 @@ import fsspec
 import torch
 import yaml
 
-from gq import official_yaml
 from gq.checkpoint import CheckpointError
 from gq.codebook import CodebookSpec
 from gq.model import GQVAE, ModelConfig
 from gq.networks import NetworkConfig
 from gq.official_shapes import check_before_building
+from gq.official_yaml import check_config_values, load_config, read_config_text, resolve_interpolations
 from gq.quantizer import LOGVAR_RANGE, QuantizerConfig
 from gq.storage import write_atomic
 from gq.tdc import TDCConfig
@@ -61,18 +61,18 @@ ENGINE_FIXED = {"latent_stats": False, "use_vf_flow": False, "encode_patch": -1}
 
 def read_config(config: str | dict) -> dict:
     """The official YAML (a path or fsspec URL, or an already parsed dict) with interpolations resolved,
-    read within `gq.official_yaml`'s bounds."""
+    read within the bounds of `gq.official_yaml`."""
     if isinstance(config, dict):
         try:
-            official_yaml.check_values(config)
+            check_config_values(config)
         except CheckpointError as e:
             raise CheckpointError(f"config: {e}") from None
         raw = config
     else:
-        raw = official_yaml.load(official_yaml.read_text(str(config)), f"config {config}")
+        raw = load_config(read_config_text(str(config)), f"config {config}")
     if not isinstance(raw, dict):
         raise CheckpointError(f"config {config}: not a YAML mapping")
-    return official_yaml.resolve(raw)
+    return resolve_interpolations(raw)
 
 
 def _get(params: Any, name: str, where: str) -> Any:
@@ -115,6 +115,8 @@ def _config_errors(translate: Callable[[str | dict], ModelConfig]) -> Callable[[
     def checked(config: str | dict) -> ModelConfig:
         try:
             return translate(config)
+        except CheckpointError:  # a ValueError already worded
+            raise
         except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
             raise CheckpointError(
                 f"config: a field of the wrong type or value ({type(e).__name__}: {e})"

@@ -1,14 +1,14 @@
 """The official YAML config, read within bounds: what a hostile config can cost is fixed before expanding it.
 
 A model config is a few KB of mappings, lists and scalars. PyYAML shares an aliased node instead of
-copying it, so 2 KB of nested aliases stand for 10^9 values (billion laughs) that only the first walk over
-them expands, and a recursive alias never ends; `${a}${a}` interpolations double at every step. Before
-anything is expanded, `load` refuses with one line: a text over MAX_BYTES, more than MAX_ALIASES aliases,
-nesting deeper than MAX_DEPTH, a node graph that loops or stands for more than MAX_NODES values, keys
-that are not text, and values other than mappings, lists, text, numbers, booleans and null. Dates stay
-text, as OmegaConf (which the official code reads configs with) leaves them. `resolve` expands the
-OmegaConf-style `${a.b.c}` interpolations each once, within the same value budget, MAX_TEXT characters per
-string and MAX_INTERPOLATION_DEPTH steps.
+copying it, so 2 KB of nested aliases stand for 10^9 values (billion laughs) that only the first walk
+over them expands, and a recursive alias never ends; `${a}${a}` interpolations double at every step.
+Before anything is expanded, `load_config` refuses with one line: a text over MAX_BYTES, more than
+MAX_ALIASES aliases, nesting deeper than MAX_DEPTH, a node graph that loops or stands for more than
+MAX_NODES values, keys that are not text, and values other than mappings, lists, text, numbers, booleans
+and null. Dates stay text, as OmegaConf (which the official code reads configs with) leaves them.
+`resolve_interpolations` expands the OmegaConf-style `${a.b.c}` interpolations, each path once, within
+the same value budget, MAX_TEXT characters per string and MAX_INTERPOLATION_DEPTH steps.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _value_children(value: Any, where: str) -> Iterable[tuple[str, Any]]:
             if not isinstance(key, str):
                 raise CheckpointError(f"{where or 'the top level'}: key {key!r} is not text")
         return ((f"{where}.{k}".lstrip("."), v) for k, v in value.items())
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return ((f"{where}[{i}]", v) for i, v in enumerate(value))
     if not isinstance(value, _SCALARS):
         raise CheckpointError(
@@ -121,13 +121,13 @@ def _expanded_size(
     return total
 
 
-def check_values(config: Any) -> None:
+def check_config_values(config: Any) -> None:
     """Refuse a parsed config that loops, expands past MAX_NODES values or holds other than YAML's plain
     values (raises CheckpointError without the `config:` prefix)."""
     _expanded_size(config, "", _value_children, {}, set(), 0)
 
 
-def read_text(url: str) -> str:
+def read_config_text(url: str) -> str:
     """A config file's text, refusing one over MAX_BYTES before reading it whole."""
     try:
         with fsspec.open(url, "rb") as f:
@@ -139,11 +139,11 @@ def read_text(url: str) -> str:
         raise CheckpointError(f"config {url}: cannot read it: {e}") from None
 
 
-def load(text: str, name: str) -> Any:
+def load_config(text: str, name: str) -> Any:
     """Parse a config's text within the bounds above; CheckpointError names `name` and the reason."""
     try:
         value = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-        check_values(value)
+        check_config_values(value)
     except CheckpointError as e:
         raise CheckpointError(f"{name}: {e}") from None
     except yaml.YAMLError as e:
@@ -207,6 +207,6 @@ class _Resolver:
         return self.done[path]
 
 
-def resolve(config: dict) -> dict:
+def resolve_interpolations(config: dict) -> dict:
     """`config` with every `${a.b.c}` interpolation expanded (a new tree; `config` is not changed)."""
     return _Resolver(config).resolve(config, 0)

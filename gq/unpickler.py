@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from gq import zip_crc
+from gq.zip_crc import verify_zip_crc
 
 # The globals a state_dict needs, and nothing that can reach the file system, a shell or an import.
 _ALLOWED: dict[tuple[str, str], Any] = {
@@ -88,7 +88,7 @@ def load_checkpoint(data: bytes) -> tuple[Any, list[str]]:
     Raises pickle.UnpicklingError, RuntimeError or EOFError for a damaged file (a zip member failing its
     CRC-32 included), or any other error a malformed pickle provokes (the caller words it).
     """
-    zip_crc.verify(data)
+    verify_zip_crc(data)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), []
     except pickle.UnpicklingError:

@@ -1,9 +1,10 @@
 """The CRC-32 check of a zip-format PyTorch checkpoint's members, which `torch.load` does not make.
 
 `torch.save` writes a zip whose every member (the pickle and one per tensor storage) carries its CRC-32;
-PyTorch's reader never compares them, so flipped bytes inside a tensor load as a wrong weight. `verify`
-reads each member through Python's zipfile, which compares the CRC at the member's end. A member whose
-recorded CRC is 0 is not checked: `torch.serialization.set_crc32_options(False)` writes 0 for all of them.
+PyTorch's reader never compares them, so flipped bytes inside a tensor load as a wrong weight.
+`verify_zip_crc` reads each member through Python's zipfile, which compares the CRC at the member's end.
+A member whose recorded CRC is 0 is not checked: `torch.serialization.set_crc32_options(False)` writes 0
+for every member.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ ZIP_MAGIC = b"PK\x03\x04"  # what torch itself tests to tell its zip format from
 _PIECE = 1 << 24  # read 16 MiB at a time: the check holds no member whole
 
 
-def verify(data: bytes) -> None:
+def verify_zip_crc(data: bytes) -> None:
     """Raise RuntimeError naming the first member of a zip checkpoint that fails its CRC-32 (or a zip
     structure Python's zipfile cannot read); return for a checkpoint in the legacy (non-zip) format."""
     if not data.startswith(ZIP_MAGIC):

@@ -259,6 +259,7 @@ def test_wrong_types_are_one_line_config_errors(change, field):
     with pytest.raises(CheckpointError, match=field) as error:
         model_config_from_official(_edited(change))
     assert str(error.value).startswith("config: ") and "\n" not in str(error.value)
+    assert str(error.value).count("config: ") == 1  # worded once
 
 
 def test_date_where_a_number_belongs_is_a_one_line_error(tmp_path):
