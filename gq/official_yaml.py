@@ -114,7 +114,7 @@ def _expanded_size(
         total += _expanded_size(child, path, children, sizes, open_ids, depth + 1)
         if total > MAX_NODES:
             raise CheckpointError(
-                f"{where or 'the config'} expands past {MAX_NODES} values (aliases of aliases?)"
+                f"{where or 'the config'} expands past {MAX_NODES} values, each alias counted as a copy"
             )
     open_ids.discard(id(node))
     sizes[id(node)] = total
