@@ -389,6 +389,7 @@ def from_official(checkpoint: str, config: str | dict) -> GQVAE:
 
     `model.provenance["official"]` records the source file's sha256, the resolved official config, the
     converter version, the ignored tensors (`loss.*`) and other entries, and any pickle globals skipped.
+    The config is checked against the checkpoint's tensor shapes before the network is built.
     """
     resolved = read_config(config)
     model_config = model_config_from_official(resolved)

@@ -10,8 +10,9 @@ from-official: an official Lightning `.ckpt` (read without running any code in i
 config, the converter version, what was ignored), which `gq.load`, jobs/tokenize.py, evaluate.py and
 detokenize.py run unchanged. to-official: the way back, for models of the official architecture
 (`paper-f8c16` or a converted one): the official tensor names and a YAML the authors' code loads.
-Paths may be fsspec URLs. Nothing is downloaded. Exit status: 0 written, 2 bad arguments or a
-checkpoint/config this version cannot convert (one line saying which field or tensor).
+Paths may be fsspec URLs; an output may not be an input or the other output, however spelled. Nothing is
+downloaded. Exit status: 0 written, 2 bad arguments or a checkpoint/config this version cannot convert
+(one line saying which field or tensor).
 """
 
 from __future__ import annotations
