@@ -10,12 +10,12 @@ with the field's name, anything this version cannot build), maps every official 
 
 from __future__ import annotations
 
-import copy
+import functools
 import hashlib
 import io
 import math
-import pickle
 import re
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -26,6 +26,8 @@ from gq.checkpoint import CheckpointError
 from gq.codebook import CodebookSpec
 from gq.model import GQVAE, ModelConfig
 from gq.networks import NetworkConfig
+from gq.official_shapes import check_before_building
+from gq.official_yaml import check_config_values, load_config, read_config_text, resolve_interpolations
 from gq.quantizer import LOGVAR_RANGE, QuantizerConfig
 from gq.storage import write_atomic
 from gq.tdc import TDCConfig
@@ -56,49 +58,21 @@ ENGINE_FIXED = {"latent_stats": False, "use_vf_flow": False, "encode_patch": -1}
 
 # --- the YAML -------------------------------------------------------------------------------------------
 
-_INTERPOLATION = re.compile(r"\$\{([^}]+)\}")
-
-
-def _lookup(root: dict, path: str) -> Any:
-    node: Any = root
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise CheckpointError(f"config: interpolation ${{{path}}} names no field")
-        node = node[part]
-    return node
-
-
-def _resolve(node: Any, root: dict, depth: int = 0) -> Any:
-    """OmegaConf-style `${a.b.c}`: a whole-string interpolation takes the value, an inline one its text."""
-    if depth > 32:
-        raise CheckpointError("config: interpolations nest too deep (a cycle?)")
-    if isinstance(node, dict):
-        return {k: _resolve(v, root, depth) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_resolve(v, root, depth) for v in node]
-    if not isinstance(node, str) or "${" not in node:
-        return node
-    whole = _INTERPOLATION.fullmatch(node)
-    if whole:
-        return _resolve(copy.deepcopy(_lookup(root, whole.group(1))), root, depth + 1)
-    return _INTERPOLATION.sub(lambda m: str(_resolve(_lookup(root, m.group(1)), root, depth + 1)), node)
-
 
 def read_config(config: str | dict) -> dict:
-    """The official YAML (a path or fsspec URL, or an already parsed dict) with interpolations resolved."""
+    """The official YAML (a path or fsspec URL, or an already parsed dict) with interpolations resolved,
+    read within the bounds of `gq.official_yaml`."""
     if isinstance(config, dict):
+        try:
+            check_config_values(config)
+        except CheckpointError as e:
+            raise CheckpointError(f"config: {e}") from None
         raw = config
     else:
-        try:
-            with fsspec.open(str(config), "rt", encoding="utf-8") as f:
-                raw = yaml.safe_load(f)
-        except (OSError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"config {config}: cannot read it: {e}") from None
-        except yaml.YAMLError as e:
-            raise CheckpointError(f"config {config}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raw = load_config(read_config_text(str(config)), f"config {config}")
     if not isinstance(raw, dict):
         raise CheckpointError(f"config {config}: not a YAML mapping")
-    return _resolve(raw, raw)
+    return resolve_interpolations(raw)
 
 
 def _get(params: Any, name: str, where: str) -> Any:
@@ -106,6 +80,49 @@ def _get(params: Any, name: str, where: str) -> Any:
     if not isinstance(params, dict) or name not in params:
         raise CheckpointError(f"config: missing field {where}.{name}")
     return params[name]
+
+
+# Fields whose value, where present and not null, must be a mapping (a list there is refused by name).
+MAPPINGS = (
+    "model",
+    "model.params",
+    "model.params.encoder_config",
+    "model.params.encoder_config.params",
+    "model.params.decoder_config",
+    "model.params.decoder_config.params",
+    "model.params.regularizer_config",
+    "model.params.regularizer_config.params",
+    "model.params.loss_config",
+    "model.params.loss_config.params",
+    "model.params.loss_config.params.regularization_weights",
+)
+
+
+def _check_mappings(cfg: dict) -> None:
+    """Refuse a list or a scalar where the official code expects a mapping, naming the field."""
+    for path in MAPPINGS:
+        node: Any = cfg
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and not isinstance(node, dict):
+            raise CheckpointError(f"config: {path} is a {type(node).__name__}; a mapping belongs there")
+
+
+def _config_errors(translate: Callable[[str | dict], ModelConfig]) -> Callable[[str | dict], ModelConfig]:
+    """A value of the wrong type the named checks do not foresee is still a one-line config error."""
+
+    @functools.wraps(translate)
+    def checked(config: str | dict) -> ModelConfig:
+        try:
+            return translate(config)
+        except CheckpointError:  # a ValueError already worded
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
+            raise CheckpointError(
+                f"config: a field of the wrong type or value ({type(e).__name__}: {e})"
+            ) from None
+
+    return checked
 
 
 def _require(value: Any, expected: Any, path: str) -> None:
@@ -187,6 +204,8 @@ def _regularizer(reg: dict, z_channels: int, where: str) -> tuple[QuantizerConfi
     try:
         dim = int(params.get(dim_key, 1) if dim_key == "group" else _get(params, dim_key, f"{where}.params"))
         size = int(_get(params, size_key, f"{where}.params"))
+        if dim < 1:
+            raise ValueError(f"{dim_key} = {dim}: a codebook dimension is at least 1")
         if z_channels % dim:
             raise ValueError(f"z_channels {z_channels} do not split into groups of {dim} ({dim_key})")
         spec = CodebookSpec(size=size, dim=dim, seed=int(params.get("seed", 42)), kind="sobol")
@@ -205,9 +224,11 @@ def _regularizer(reg: dict, z_channels: int, where: str) -> tuple[QuantizerConfi
     return quantizer, tdc
 
 
+@_config_errors
 def model_config_from_official(config: str | dict) -> ModelConfig:
     """An official YAML (path, URL or parsed dict) -> our ModelConfig; CheckpointError names a bad field."""
     cfg = read_config(config)
+    _check_mappings(cfg)
     params = _get(_get(cfg, "model", "config"), "params", "model")
     for name, value in ENGINE_FIXED.items():
         if name in params:
@@ -308,7 +329,7 @@ def read_official_checkpoint(checkpoint: str) -> tuple[dict, dict]:
         raise CheckpointError(f"checkpoint {checkpoint}: cannot read it: {e}") from None
     try:
         obj, skipped = load_checkpoint(data)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
+    except Exception as e:  # noqa: BLE001 (nothing of the file runs: any error is a malformed file)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint {checkpoint}: damaged or not a PyTorch checkpoint ({first})"
@@ -319,12 +340,17 @@ def read_official_checkpoint(checkpoint: str) -> tuple[dict, dict]:
     source = {
         "source": str(checkpoint),
         "source_sha256": hashlib.sha256(data).hexdigest(),
-        "epoch": obj.get("epoch"),
-        "global_step": obj.get("global_step"),
+        "epoch": _count(obj.get("epoch")),
+        "global_step": _count(obj.get("global_step")),
         "ignored_entries": sorted(str(k) for k in obj if k != "state_dict") if state is not obj else [],
         "skipped_pickle_globals": skipped,
     }
     return state, source
+
+
+def _count(value: Any) -> int | None:
+    """`epoch` / `global_step` when an integer, else None: entries the conversion ignores anyway."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def load_official_state(model: GQVAE, state: dict, name: str = "checkpoint") -> list[str]:
@@ -363,10 +389,13 @@ def from_official(checkpoint: str, config: str | dict) -> GQVAE:
 
     `model.provenance["official"]` records the source file's sha256, the resolved official config, the
     converter version, the ignored tensors (`loss.*`) and other entries, and any pickle globals skipped.
+    The config is checked against the checkpoint's tensor shapes before the network is built.
     """
     resolved = read_config(config)
-    model = GQVAE(model_config_from_official(resolved))
+    model_config = model_config_from_official(resolved)
     state, source = read_official_checkpoint(checkpoint)
+    check_before_building(model_config, state, str(checkpoint))
+    model = GQVAE(model_config)
     ignored = load_official_state(model, state, str(checkpoint))
     model.provenance = {
         "official": source

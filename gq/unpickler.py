@@ -4,7 +4,9 @@
 callback or hyper-parameter objects that `weights_only` refuses as a whole; for those it unpickles again
 with `RestrictedUnpickler`, which builds tensors, containers and primitives and turns every other global
 into an inert placeholder class, never imported and never called, so the weights come out and the
-file's foreign objects stay dead data. The placeholders' names are returned, for the provenance.
+file's foreign objects stay dead data. The placeholders' names are returned, for the provenance. Only
+the objects listed in `_ALLOWED` are resolved, by a dictionary lookup that imports nothing. Before either
+read, a zip checkpoint's members are checked against their CRC-32 (`gq.zip_crc`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
+
+from gq.zip_crc import verify_zip_crc
 
 # The globals a state_dict needs, and nothing that can reach the file system, a shell or an import.
 _ALLOWED: dict[tuple[str, str], Any] = {
@@ -31,6 +35,9 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
 }
+# The dtypes, read from torch's namespace as it stands: `getattr(torch, name)` would import a submodule
+# a pickle names (torch._dynamo, torch._inductor, torch.onnx) on demand; a lookup here imports nothing.
+_ALLOWED |= {("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
 
 
 class Inert:
@@ -52,11 +59,7 @@ class Inert:
 
 
 def _allowed(module: str, name: str) -> Any | None:
-    if (module, name) in _ALLOWED:
-        return _ALLOWED[(module, name)]
-    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-        return getattr(torch, name)
-    return None
+    return _ALLOWED.get((module, name))
 
 
 def _restricted_module(skipped: list[str]) -> types.ModuleType:
@@ -82,8 +85,10 @@ def _restricted_module(skipped: list[str]) -> types.ModuleType:
 def load_checkpoint(data: bytes) -> tuple[Any, list[str]]:
     """A `.ckpt`'s object with tensors on the CPU, and the globals replaced by placeholders (empty if none).
 
-    Raises pickle.UnpicklingError, RuntimeError or EOFError for a damaged file (the caller words it).
+    Raises pickle.UnpicklingError, RuntimeError or EOFError for a damaged file (a zip member failing its
+    CRC-32 included), or any other error a malformed pickle provokes (the caller words it).
     """
+    verify_zip_crc(data)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), []
     except pickle.UnpicklingError:

@@ -10,8 +10,9 @@ from-official: an official Lightning `.ckpt` (read without running any code in i
 config, the converter version, what was ignored), which `gq.load`, jobs/tokenize.py, evaluate.py and
 detokenize.py run unchanged. to-official: the way back, for models of the official architecture
 (`paper-f8c16` or a converted one): the official tensor names and a YAML the authors' code loads.
-Paths may be fsspec URLs. Nothing is downloaded. Exit status: 0 written, 2 bad arguments or a
-checkpoint/config this version cannot convert (one line saying which field or tensor).
+Paths may be fsspec URLs; an output may not be an input or the other output, however spelled. Nothing is
+downloaded. Exit status: 0 written, 2 bad arguments or a checkpoint/config this version cannot convert
+(one line saying which field or tensor).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import startup  # noqa: F401  (first: the jobs' shared start-up, jobs/startup.py
 import argparse
 import math
 import os
+import posixpath
 import sys
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 import gq
 from gq.official import from_official, save_official
@@ -51,7 +54,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _location(url: str) -> tuple[str, str]:
+    """Where a path or URL points: the file system and its normalised path (links resolved locally)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        return "file", os.path.normcase(os.path.realpath(path))
+    return type(fs).__name__, posixpath.normpath(path)
+
+
+def _refuse_same_files(inputs: list[str], outputs: list[str]) -> None:
+    """An output that is another output or an input, however spelled, would overwrite it."""
+    seen: dict[tuple[str, str], str] = {}
+    for url in inputs + outputs:
+        where = _location(url)
+        if where in seen and url in outputs:
+            raise gq.CheckpointError(f"{url}: the same file as {seen[where]}; give each output its own path")
+        seen.setdefault(where, url)
+
+
 def _refuse_bad_paths(inputs: list[str], outputs: list[str], force: bool) -> None:
+    _refuse_same_files(inputs, outputs)
     for url in inputs:
         fs, path = fsspec.core.url_to_fs(url)
         if fs.isdir(path):

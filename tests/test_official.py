@@ -246,7 +246,9 @@ def test_checkpoint_of_another_network_is_refused_with_the_tensor():
             params[part]["params"]["ch"] = 64
 
     config = _edited(wider)
-    with pytest.raises(CheckpointError, match=r"encoder\.conv_in\.weight has shape"):
+    with pytest.raises(
+        CheckpointError, match=r"ch = 64 does not match the checkpoint \(encoder\.conv_in\.weight"
+    ):
         from_official(CKPT, config)
 
 
