@@ -25,7 +25,7 @@ import gq
 from gq.tdc import MODES
 from pipeline.cli import add_config_arguments, config_from_args
 from pipeline.train.config import TrainSettings
-from pipeline.train.run import export_finished, input_shards, run_training
+from pipeline.train.run import InputError, run_training
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainSettings]:
@@ -50,16 +50,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
 
 def main(argv: list[str] | None = None) -> int:
     _, settings = parse_args(argv)
-    try:
-        result = export_finished(settings)  # a finished run: re-export only, no Ray
-        if result is None:
-            try:
-                input_shards(settings)  # before Ray starts: a bad pattern is exit 2, not a failed run
-            except (ValueError, OSError) as e:
-                print(f"train_vae: error: {e}", file=sys.stderr)
-                return 2
-            with startup.ray_session(include_dashboard=None):  # Ray's default: Ray Train reports there
-                result = run_training(settings)
+    try:  # a finished run is re-exported without Ray; Ray's default dashboard: Ray Train reports there
+        result = run_training(settings, session=lambda: startup.ray_session(include_dashboard=None))
+    except InputError as e:  # found before Ray starts: a bad pattern is exit 2, not a failed run
+        print(f"train_vae: error: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # a clear one-line reason at the end of the log, the traceback above it
         traceback.print_exc()
         print(f"train_vae: failed: {type(e).__name__}: {e}", file=sys.stderr)

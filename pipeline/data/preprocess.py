@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gq.model import to_float_images
+
 
 def preprocess(image: np.ndarray, size: int, source_shape: tuple[int, int] | None = None) -> np.ndarray:
     """uint8 (H, W, 3) -> uint8 (size, size, 3): shorter side resized to `size`, then center crop.
@@ -74,12 +76,11 @@ def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 def to_model_input(images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
-    """uint8 images (B, H, W, 3) (an array or a list of (H, W, 3)) -> float32 (B, 3, H, W) in [-1, 1]."""
+    """uint8 images (B, H, W, 3) (an array or a list of (H, W, 3)) -> contiguous float32 (B, 3, H, W) in
+    [-1, 1]: `gq.model.to_float_images`, the model's own conversion, for numpy batches."""
     batch = np.stack(images) if isinstance(images, (list, tuple)) else np.asarray(images)
-    if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[3] != 3:
+    if batch.dtype != np.uint8:
         raise ValueError(f"expected uint8 (B, H, W, 3) images, got {batch.dtype} {batch.shape}")
-    # channels first while still uint8 (a quarter of the bytes to move), then scale in place
-    channels_first = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
-    if not channels_first.flags.writeable:  # torch warns on (and must not alias) read-only arrays
-        channels_first = channels_first.copy()
-    return torch.from_numpy(channels_first).to(torch.float32).div_(127.5).sub_(1.0)
+    if not batch.flags.writeable:  # torch warns on (and must not alias) read-only arrays
+        batch = batch.copy()
+    return to_float_images(torch.from_numpy(batch)).contiguous()

@@ -24,10 +24,13 @@ gone), it is moved aside and the newest complete `step-*` directory found on dis
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import subprocess
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,17 +60,28 @@ class TrainResult:
     checkpoint: str | None  # path of the latest Ray Train checkpoint
 
 
-def run_training(settings: TrainSettings) -> TrainResult:
-    """Train, or resume, on the Ray cluster `ray.init` connected to; a finished run is only re-exported."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+def run_training(
+    settings: TrainSettings, session: Callable[[], AbstractContextManager] = contextlib.nullcontext
+) -> TrainResult:
+    """Train, or resume, on Ray; a finished run is only re-exported, without Ray. `session()` is entered
+    around the training only (the jobs pass `startup.ray_session`; the default uses the Ray that
+    `ray.init` already connected to)."""
     finished = export_finished(settings)
     if finished is not None:
         return finished
+    shards = input_shards(settings)  # before Ray starts
+    with session():
+        return fit(settings, shards)
+
+
+def fit(settings: TrainSettings, shards: tuple[list[str], list[str]]) -> TrainResult:
+    """Ray Train's TorchTrainer over the settings, on the connected Ray cluster (run_training's body)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     out = Path(settings.output).expanduser().resolve()
     settings = dataclasses.replace(settings, output=str(out))
-    shards, val_shards = input_shards(settings)
+    shards, val_shards = shards
     if settings.loss.perceptual_weights:
         load_perceptual(settings.loss.perceptual_weights)  # fail here, with a clear error, not in a worker
     commit = git_commit()
@@ -107,13 +121,20 @@ def run_training(settings: TrainSettings) -> TrainResult:
     )
 
 
+class InputError(ValueError):
+    """The training or validation shards cannot be used (a bad argument: the job exits 2)."""
+
+
 def input_shards(settings: TrainSettings) -> tuple[list[str], list[str]]:
-    """The training and validation shard URLs; ValueError when they cannot be used."""
-    shards = expand_shards(settings.inputs.data)
-    val_shards = expand_shards(settings.inputs.val_data) if settings.inputs.val_data else []
+    """The training and validation shard URLs; InputError when they cannot be used."""
+    try:
+        shards = expand_shards(settings.inputs.data)
+        val_shards = expand_shards(settings.inputs.val_data) if settings.inputs.val_data else []
+    except (ValueError, OSError) as e:
+        raise InputError(str(e)) from e
     workers = settings.scaling.workers
     if len(shards) < workers:
-        raise ValueError(f"{len(shards)} training shards for {workers} workers: every worker needs one")
+        raise InputError(f"{len(shards)} training shards for {workers} workers: every worker needs one")
     return shards, val_shards
 
 
