@@ -34,6 +34,8 @@ def read_source(url: str, max_bytes: int) -> bytes | tuple[str, str]:
             return _read_local(url, max_bytes)
         return _read_store(url, max_bytes)
     except (FileNotFoundError, NotADirectoryError) as e:
+        if not _only_not_found(e):  # fsspec's HTTP store reports a 503 as FileNotFoundError
+            raise SourceReadError(f"{url}: {type(e).__name__}: {e} (caused by {_causes(e)})") from e
         return MISSING, f"{type(e).__name__}: {e}"
     except IsADirectoryError:
         return NOT_REGULAR, "a directory"
@@ -41,6 +43,36 @@ def read_source(url: str, max_bytes: int) -> bytes | tuple[str, str]:
         raise
     except Exception as e:  # noqa: BLE001  (any other failure of a filesystem is an I/O error here)
         raise SourceReadError(f"{url}: {type(e).__name__}: {e}") from e
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out = []
+    while e is not None and len(out) < 10:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _status(e: BaseException) -> int | None:
+    """The HTTP status an exception carries (aiohttp's `status`, botocore's response metadata), if any."""
+    status = getattr(e, "status", None)
+    if isinstance(status, int):
+        return status
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status if isinstance(status, int) else None
+    return None
+
+
+def _only_not_found(e: BaseException) -> bool:
+    """Whether a FileNotFoundError means the file is not there: every exception behind it is one too
+    or an HTTP 404, not a 5xx, a timeout or a dropped connection."""
+    return all(isinstance(c, (FileNotFoundError, NotADirectoryError)) or _status(c) == 404 for c in _chain(e))
+
+
+def _causes(e: BaseException) -> str:
+    return "; ".join(f"{type(c).__name__}: {str(c)[:200]}" for c in _chain(e)[1:])
 
 
 def _read_local(path: str, max_bytes: int) -> bytes | tuple[str, str]:
