@@ -16,7 +16,7 @@ from test_make_shards import make, tar_samples
 from pipeline.data.folder_walk import LINK_LOOP
 from pipeline.data.image_folder import BAD_LIST_LINE, DUPLICATE_LINE, IN_SUBFOLDER, OUTSIDE_CLASSES
 from pipeline.data.sample_keys import decode_key, key_part
-from pipeline.data.source_file import NOT_REGULAR, TOO_LARGE
+from pipeline.data.source_file import MISSING, NOT_REGULAR, TOO_LARGE
 
 
 def jpeg(seed: int) -> bytes:
@@ -215,17 +215,23 @@ def test_output_with_files_we_did_not_write_is_refused(tmp_path):
 
 def test_only_regular_files_within_the_size_limit_are_read(tmp_path):
     """Item 7: a FIFO and a link to /dev/zero named .jpg, and a file over --max-file-bytes, are recorded
-    skips (the FIFO never opened, /dev/zero never read)."""
+    skips (the FIFO never opened, /dev/zero never read); so is a broken link."""
     src, out = tmp_path / "img", tmp_path / "shards"
     write(src, {"ok.jpg": jpeg(0), "big.jpg": jpeg(1) + b"\0" * 5000})
     os.mkfifo(src / "fifo.jpg")
     os.symlink("/dev/zero", src / "zero.jpg")
+    os.symlink(src / "nowhere.jpg", src / "broken.jpg")
     res = run("--input", src, "--output", out, "--max-file-bytes", len(jpeg(0)) + 100)
     assert res.returncode == 0, res.stderr
     assert [m["jpg"] for m in tar_samples(out).values()] == [jpeg(0)]
     record = json.loads((out / "_make_shards" / "shard-000000.tar.json").read_text())
     reasons = {Path(s["file"]).name: s["reason"] for s in record["skipped"]}
-    assert reasons == {"big.jpg": TOO_LARGE, "fifo.jpg": NOT_REGULAR, "zero.jpg": NOT_REGULAR}
+    assert reasons == {
+        "big.jpg": TOO_LARGE,
+        "broken.jpg": MISSING,
+        "fifo.jpg": NOT_REGULAR,
+        "zero.jpg": NOT_REGULAR,
+    }
 
 
 def test_keys_stay_readable_and_every_sample_maps_to_its_file(tmp_path):
