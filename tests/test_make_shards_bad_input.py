@@ -13,6 +13,7 @@ import pytest
 from shardmaker import jpeg_bytes, photo_like
 from test_make_shards import make, tar_samples
 
+from gq.storage import is_temporary
 from pipeline.data.folder_walk import LINK_LOOP
 from pipeline.data.image_folder import BAD_LIST_LINE, DUPLICATE_LINE, IN_SUBFOLDER, OUTSIDE_CLASSES
 from pipeline.data.sample_keys import decode_key, key_part
@@ -109,6 +110,8 @@ def test_layout_is_explicit_and_auto_refuses_a_mixed_folder(tmp_path):
     assert one_line_error(res) and "3 images at its top and 1 in subfolders" in res.stderr
     res = run("--input", src, "--output", tmp_path / "f", "--layout", "flat")
     assert res.returncode == 0 and f"{IN_SUBFOLDER}: 1" in res.stdout
+    plan = json.loads((tmp_path / "f" / "_make_shards.json").read_text())  # listing skips are recorded
+    assert [(Path(s["file"]).name, s["reason"]) for s in plan["skipped"]] == [("inner.jpg", IN_SUBFOLDER)]
     assert {m["jpg"] for m in tar_samples(tmp_path / "f").values()} == {jpeg(0), jpeg(1), jpeg(2)}
     res = run("--input", src, "--output", tmp_path / "c", "--layout", "classes")
     assert res.returncode == 0 and f"{OUTSIDE_CLASSES}: 3" in res.stdout
@@ -190,6 +193,7 @@ def test_io_errors_at_run_time_fail_the_shard_and_a_rerun_completes(tmp_path, mo
         res = run("--input", lst, "--output", out, "--samples-per-shard", "2")
         assert res.returncode == 1 and "failed: 2 shard(s)" in res.stderr and "PermissionError" in res.stderr
         assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000001.tar"]
+        assert not [p for p in out.rglob("*") if is_temporary(p.name)]
         assert "skipped files: 0" in res.stdout
         monkeypatch.setattr(os, "open", real_open)
         server.fixed.set()
