@@ -2,6 +2,7 @@
 recorded skip, labels never shift, I/O errors exit 1 and a rerun completes, nothing of the user's is
 overwritten. Each test checks the shards' contents with tarfile, independently of our reader."""
 
+import argparse
 import hashlib
 import json
 import os
@@ -14,6 +15,8 @@ from shardmaker import jpeg_bytes, photo_like
 from test_make_shards import make, tar_samples
 
 from gq.storage import is_temporary
+from pipeline.cli import add_dataclass_arguments
+from pipeline.data.folder_shards import ShardingSettings
 from pipeline.data.folder_walk import LINK_LOOP
 from pipeline.data.image_folder import BAD_LIST_LINE, DUPLICATE_LINE, IN_SUBFOLDER, OUTSIDE_CLASSES
 from pipeline.data.sample_keys import decode_key, key_part
@@ -296,3 +299,12 @@ def test_key_part_decodes_to_its_readable_name(name):
         assert decode_key(part) == name.replace(" ", "_").replace(".", "_")
     else:
         assert decode_key(part) == name
+
+
+def test_every_option_has_its_help():
+    """The options come from ShardingSettings' end-of-line comments: one wrapped by the formatter would
+    lose its help."""
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, ShardingSettings)
+    helps = {a.dest: a.help for a in parser._actions if a.dest != "help"}
+    assert {"layout", "classes", "max_file_bytes"} <= set(helps) and all(helps.values()), helps

@@ -52,13 +52,9 @@ class ShardingSettings:
     output: str  # DIR for <prefix>-NNNNNN.tar (local or any fsspec URL)
     samples_per_shard: int = 1000  # samples in each shard (the last one may hold fewer)
     labels: str | None = None  # labels file of `name label` lines for a flat folder (ImageNet val style)
-    layout: str = (
-        "auto"  # a folder's layout: flat, classes, or auto (refuses images both at the top and below)
-    )
+    layout: str = "auto"  # a folder's layout: flat, classes, or auto (refuses images at the top and below)
     classes: str | None = None  # a previous run's classes.json: class folders take its labels (val as train)
-    max_file_bytes: int = (
-        DEFAULT_MAX_MEMBER_BYTES  # a larger file is skipped unread (tokenize's member limit)
-    )
+    max_file_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # a larger file is skipped unread (as tokenize's members)
     prefix: str = "shard"  # shard file names: <prefix>-NNNNNN.tar
     shuffle_seed: int | None = None  # shuffle the samples across shards with this seed (default: sorted)
     read_threads: int = 8  # files read at once (an object store wants many)
