@@ -173,8 +173,7 @@ def _list_file(source: str) -> FolderListing:
             listing.skipped.append({"file": source, "reason": BAD_LIST_LINE, "detail": detail})
             continue
         absolute = "://" in name or name.startswith("/")
-        url = name if absolute else (posixpath.join(base, name) if base else name)
-        url = url if "://" in url else posixpath.normpath(url)  # `./a.jpg` and `a.jpg` are one file
+        url = name if "://" in name else _normalised(name if absolute else posixpath.join(base, name))
         if url in seen:
             first, first_label = seen[url]
             if first_label != label:
@@ -189,6 +188,12 @@ def _list_file(source: str) -> FolderListing:
         rel = name.split("://", 1)[-1].lstrip("/") if absolute else posixpath.normpath(name)
         listing.items.append(FolderItem(url, keys.key(rel), _ext(name), label))
     return listing
+
+
+def _normalised(url: str) -> str:
+    """`./a.jpg` and `a.jpg` are one file, and `dir/../x.jpg` is `x.jpg` on an object store too."""
+    scheme, sep, path = url.rpartition("://")
+    return scheme + sep + posixpath.normpath(path)
 
 
 def _bad_name(name: str) -> str | None:
