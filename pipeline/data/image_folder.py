@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from fsspec.core import url_to_fs
@@ -204,21 +205,21 @@ def _bad_name(name: str) -> str | None:
     return None
 
 
-def _text_lines(url: str, option: str):
-    """(number, stripped line) of a UTF-8 text file (a BOM is dropped), blank and `#` lines left out."""
+def _text_lines(url: str, option: str) -> Iterator[tuple[int, str]]:
+    """(number, stripped line) of a UTF-8 text file (a BOM is dropped), blank and `#` lines left out;
+    read line by line (a list of millions of files is never held whole)."""
     fs, path = url_to_fs(url)
     if not fs.isfile(path):
         raise ValueError(f"{option} {url}: no such file")
-    with fs.open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{option} {url}: not UTF-8 text (byte {e.start})") from None
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if line and not line.startswith("#"):
-            yield number, line
+    number = 0
+    with fs.open(path, "rt", encoding="utf-8-sig", newline=None) as f:
+        try:
+            for number, line in enumerate(f, 1):
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    yield number, line
+        except UnicodeDecodeError:
+            raise ValueError(f"{option} {url}: not UTF-8 text (near line {number + 1})") from None
 
 
 def _read_labels(url: str) -> dict[str, int]:
