@@ -2,13 +2,16 @@
 
     python jobs/make_shards.py --input imagenet/train --output shards/train --samples-per-shard 1000
     python jobs/make_shards.py --input imagenet/val --labels val_labels.txt --output shards/val
+    python jobs/make_shards.py --input imagenet/val2 --classes shards/train/classes.json --output shards/val2
     python jobs/make_shards.py --input list.txt --output s3://bucket/shards --shuffle-seed 0
 
-Layouts: class folders (label = index of the sorted class folder names, written to DIR/classes.json), a
-flat folder (with --labels FILE of `name label` lines, ImageNet val style), or a list file of
-`path[,label]` lines. Image bytes are copied as they are. Shards are written atomically; a rerun
-completes what is missing and leaves finished shards alone. Exit status: 0 done, 1 an I/O error (the
-shards finished so far stay; run again to complete), 2 bad arguments.
+Layouts (--layout auto|classes|flat): class folders (label = index of the sorted names of all class
+folders, written to DIR/classes.json; --classes reuses a previous run's), a flat folder (with --labels
+FILE of `name label` lines, ImageNet val style), or a list file of `path[,label]` lines. Image bytes are
+copied as they are. Shards are written atomically; a rerun completes what is missing and leaves finished
+shards alone. Every file ends as a sample or a skip with its reason in DIR's records. Exit status: 0 done,
+1 an I/O error (a folder or file that cannot be read, a failed write: the shards finished so far stay;
+run again to complete), 2 bad arguments or input.
 """
 
 from __future__ import annotations
@@ -21,15 +24,16 @@ import sys
 
 from pipeline.cli import add_dataclass_arguments, dataclass_from_args
 from pipeline.data.folder_shards import ShardingSettings, make_shards
+from pipeline.data.image_folder import LAYOUT_CHOICES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_arguments(p, ShardingSettings, skip=("progress",))
+    add_dataclass_arguments(p, ShardingSettings, skip=("progress",), layout={"choices": LAYOUT_CHOICES})
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary still prints)")
     args = p.parse_args(argv)
-    if args.samples_per_shard < 1 or args.read_threads < 1:
-        p.error("--samples-per-shard and --read-threads must be >= 1")
+    if args.samples_per_shard < 1 or args.read_threads < 1 or args.max_file_bytes < 1:
+        p.error("--samples-per-shard, --read-threads and --max-file-bytes must be >= 1")
     return args
 
 
@@ -45,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_shards: failed: {type(e).__name__}: {e} (run again to complete)", file=sys.stderr)
         return 1
     print(summary.format(), flush=True)
+    if summary.failed:
+        print(f"make_shards: failed: {len(summary.failed)} shard(s), e.g. {summary.failed[0]} "
+              "(run again to complete)", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

@@ -5,12 +5,14 @@ import contextlib
 import hashlib
 import io
 import json
-import os
+import re
 import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,8 @@ from shardmaker import jpeg_bytes, photo_like, real_jpegs
 from gq.storage import is_temporary
 from jobs import make_shards
 from pipeline.data.decode import EMPTY, NOT_IMAGE
-from pipeline.data.folder_shards import UNREADABLE
 from pipeline.data.samples import iter_samples
+from pipeline.data.source_file import MISSING
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +145,7 @@ def test_flat_folder_with_labels_file_and_a_list_file(tmp_path):
     got = tar_samples(tmp_path / "c")
     assert [(m["jpeg"], m.get("cls")) for m in got.values()] == [(photos[0], b"4"), (photos[1], None),
                                                                   (photos[2], b"9")]  # fmt: skip
-    assert f"{UNREADABLE}: 1" in res.stdout and "gone.jpg" in res.stdout
+    assert f"{MISSING}: 1" in res.stdout and "gone.jpg" in res.stdout
     bad = make(["--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "d")])
     assert bad.returncode == 2 and bad.stderr.startswith("make_shards: error:")
     assert bad.stderr.count("\n") == 1
@@ -154,20 +156,74 @@ def _keys(shard: Path) -> list[str]:
         return [s.key for s in iter_samples(f)]
 
 
+class HeldFiles:
+    """Files served over HTTP on 127.0.0.1 (with ranges, as fsspec reads them); a request for a name in
+    `held` waits until `release()`: a read that blocks for as long as the test wants."""
+
+    def __init__(self, files: dict[str, bytes], held: set[str]) -> None:
+        self.files, self.held, self.released = files, held, threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self.reply(head=True)
+
+            def do_GET(self) -> None:
+                self.reply(head=False)
+
+            def reply(self, head: bool) -> None:
+                name = self.path.lstrip("/")
+                if name in outer.held:
+                    outer.released.wait(120)
+                data = outer.files.get(name)
+                if data is None:
+                    self.send_error(404)
+                    return
+                start, end, status = 0, len(data), 200
+                if m := re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "")):
+                    start, end, status = int(m[1]), min(len(data), int(m[2] or len(data) - 1) + 1), 206
+                self.send_response(status)
+                self.send_header("Content-Length", str(end - start))
+                self.send_header("Accept-Ranges", "bytes")
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+                self.end_headers()
+                if not head:
+                    with contextlib.suppress(OSError):
+                        self.wfile.write(data[start:end])
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def release(self) -> None:
+        self.released.set()
+
+    def stop(self) -> None:
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def test_killed_mid_way_a_rerun_completes_without_duplicates(tmp_path):
-    """The list's 7th entry is a FIFO: reading it blocks, so the run is killed inside shard 3 for sure
-    (shards 0-2 finished, shard 3's temporary file open); then the FIFO becomes a real file and a rerun
-    finishes the job."""
+    """The list's 7th entry is a URL whose server does not answer until told, so the run is killed inside
+    shard 3 for sure (shards 0-2 finished, shard 3's temporary file open); then the server answers and a
+    rerun finishes the job."""
     photos = real_jpegs()
     src = tmp_path / "img"
     src.mkdir()
     entries = []
+    server = HeldFiles({"img/img07.jpg": photos[7]}, held={"img/img07.jpg"})
     for i in range(12):
         path = src / f"img{i:02d}.jpg"
         if i == 7:
-            os.mkfifo(path)
-        else:
-            path.write_bytes(photos[i % len(photos)] if i < 8 else jpeg_bytes(photo_like(i, 70, 90)))
+            entries.append(f"{server.url}/img/{path.name},{i % 4}")
+            continue
+        path.write_bytes(photos[i % len(photos)] if i < 8 else jpeg_bytes(photo_like(i, 70, 90)))
         entries.append(f"img/{path.name},{i % 4}")
     lst = tmp_path / "list.txt"
     lst.write_text("\n".join(entries) + "\n")
@@ -181,23 +237,26 @@ def test_killed_mid_way_a_rerun_completes_without_duplicates(tmp_path):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
             time.sleep(0.05)
         time.sleep(0.3)
-        assert proc.poll() is None  # blocked on the FIFO
+        assert proc.poll() is None  # blocked on the held file
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-    finished = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.tar")}
-    assert sorted(finished) == [f"shard-{i:06d}.tar" for i in range(3)]
-    assert [p for p in out.iterdir() if is_temporary(p.name)]  # the killed shard's temporary file
-    os.remove(src / "img07.jpg")
-    (src / "img07.jpg").write_bytes(photos[7])
-    res = make(["--input", str(lst), "--output", str(out), "--samples-per-shard", "2"])
+    try:
+        finished = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.tar")}
+        assert sorted(finished) == [f"shard-{i:06d}.tar" for i in range(3)]
+        assert [p for p in out.iterdir() if is_temporary(p.name)]  # the killed shard's temporary file
+        server.release()
+        res = make(["--input", str(lst), "--output", str(out), "--samples-per-shard", "2"])
+    finally:
+        server.stop()
     assert res.returncode == 0, res.stderr
     assert "12 images in 6 shards" in res.stdout and "3 shards finished before" in res.stdout
     assert {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in finished} == finished
     assert not [p for p in out.iterdir() if is_temporary(p.name)]
     got = tar_samples(out)  # asserts no key twice
     assert [int(m["cls"]) for m in got.values()] == [i % 4 for i in range(12)]
-    assert got["img/img07"]["jpg"] == photos[7]
+    held_key = next(k for k in got if k.endswith("/img/img07"))
+    assert got[held_key]["jpg"] == photos[7]
 
 
 @pytest.mark.parametrize("bad", [["--samples-per-shard", "0"], ["--prefix", "a/b"]])

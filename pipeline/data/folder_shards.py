@@ -2,17 +2,22 @@
 
 `DIR/<prefix>-NNNNNN.tar` holds N samples of the listing (pipeline/data/image_folder.py) in its order, or
 in a seeded shuffle of it: `<key>.<ext>` with the file's bytes as they are (never re-encoded) and
-`<key>.cls` when the image has a label. `DIR/_make_shards.json` pins the plan (settings and a fingerprint
-of the listing); a rerun with another plan into the same DIR is refused. Each shard is written to a
-temporary name and renamed (one upload on object stores), then its record `DIR/_make_shards/<shard>.json`
-(samples, bytes, sha256, skipped files with reasons); a shard with its record is finished and left
-alone, so a rerun after a kill completes what is missing. `DIR/classes.json` maps labels to class names.
+`<key>.cls` when the image has a label. `DIR/_make_shards.json` pins the plan (settings, a fingerprint
+of the listing, the files the listing skipped); a rerun with another plan into the same DIR is refused,
+and so is a DIR that holds files but no plan record (files this job did not write are never overwritten).
+Each shard is written to a temporary name and renamed (one upload on object stores), then its record
+`DIR/_make_shards/<shard>.json` (samples, bytes, sha256, skipped files with reasons, and the file -> key
+map: each sample's source path, size, sha256, key and label); a shard with its record is finished and
+left alone, so a rerun after a kill completes what is missing. A file that cannot be read for a reason
+other than its content (pipeline/data/source_file.py) fails its shard, which gets no record: the job
+exits 1 and a rerun completes it. `DIR/classes.json` maps labels to class names.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import sys
 import time
@@ -20,19 +25,20 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
+from gq.storage import is_temporary
 from pipeline.data.decode import EMPTY, NOT_IMAGE, image_format
 from pipeline.data.image_folder import FolderItem, FolderListing, list_image_folder
+from pipeline.data.samples import DEFAULT_MAX_MEMBER_BYTES
 from pipeline.data.shard_writer import write_shard
+from pipeline.data.source_file import read_source
 from pipeline.data.stages import ordered_map
 from pipeline.io import join, read_json, remove_temporaries, write_atomic
 
-UNREADABLE = "unreadable file"  # the file could not be read (missing, permissions, I/O error)
 PLAN_FILE = "_make_shards.json"
 RECORD_DIR = "_make_shards"
 CLASSES_FILE = "classes.json"
@@ -46,6 +52,9 @@ class ShardingSettings:
     output: str  # DIR for <prefix>-NNNNNN.tar (local or any fsspec URL)
     samples_per_shard: int = 1000  # samples in each shard (the last one may hold fewer)
     labels: str | None = None  # labels file of `name label` lines for a flat folder (ImageNet val style)
+    layout: str = "auto"  # a folder's layout: flat, classes, or auto (refuses images at the top and below)
+    classes: str | None = None  # a previous run's classes.json: class folders take its labels (val as train)
+    max_file_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # a larger file is skipped unread (as tokenize's members)
     prefix: str = "shard"  # shard file names: <prefix>-NNNNNN.tar
     shuffle_seed: int | None = None  # shuffle the samples across shards with this seed (default: sorted)
     read_threads: int = 8  # files read at once (an object store wants many)
@@ -60,6 +69,7 @@ class ShardingSummary:
     shards_before: int = 0  # finished by an earlier run, left alone
     bytes: int = 0  # shard bytes in DIR
     skipped: list[dict] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # shards of this run that failed: "<shard>: <error>"
     seconds: float = 0.0
     images_now: int = 0
     bytes_now: int = 0
@@ -78,7 +88,10 @@ class ShardingSummary:
         ]
         lines += [f"  {s['reason']}: {s['file']} {s.get('detail', '')}".rstrip() for s in self.skipped[:20]]
         if len(self.skipped) > 20:
-            lines.append(f"  ... {len(self.skipped) - 20} more in {RECORD_DIR}/*.json")
+            lines.append(f"  ... {len(self.skipped) - 20} more in {PLAN_FILE} and {RECORD_DIR}/*.json")
+        if self.failed:
+            lines.append(f"FAILED shards: {len(self.failed)} (not written: run again to complete them)")
+            lines += [f"  {f}" for f in self.failed[:20]]
         return "\n".join(lines)
 
 
@@ -88,12 +101,15 @@ def shard_name(prefix: str, number: int) -> str:
 
 def plan_shards(settings: ShardingSettings) -> tuple[FolderListing, list[list[FolderItem]], dict]:
     """The listing, its items dealt into shards, and the plan record. Raises ValueError for bad arguments
-    or a DIR holding another plan."""
+    or a DIR holding another plan or files of its own, OSError when the input cannot be listed."""
     if settings.samples_per_shard < 1:
         raise ValueError("--samples-per-shard must be >= 1")
+    if settings.max_file_bytes < 1:
+        raise ValueError("--max-file-bytes must be >= 1")
     if not settings.prefix or "/" in settings.prefix:
         raise ValueError(f"--prefix must be a plain file name prefix, got {settings.prefix!r}")
-    listing = list_image_folder(settings.input, settings.labels)
+    _check_output(settings.input, settings.output)
+    listing = list_image_folder(settings.input, settings.labels, settings.layout, settings.classes)
     if not listing.items:
         raise ValueError(f"--input {settings.input}: no image files found ({listing.layout})")
     items = listing.items
@@ -105,13 +121,17 @@ def plan_shards(settings: ShardingSettings) -> tuple[FolderListing, list[list[Fo
     digest = hashlib.sha256()
     for item in items:
         digest.update(json.dumps([item.url, item.key, item.label]).encode() + b"\n")
+    for skip in listing.skipped:
+        digest.update(json.dumps(skip, sort_keys=True).encode() + b"\n")
     plan = {
         "input": settings.input,
         "layout": listing.layout,
         "labels": settings.labels,
+        "classes": listing.classes,
         "samples_per_shard": n,
         "prefix": settings.prefix,
         "shuffle_seed": settings.shuffle_seed,
+        "max_file_bytes": settings.max_file_bytes,
         "images": len(items),
         "shards": len(shards),
         "listing_sha256": digest.hexdigest(),
@@ -120,19 +140,51 @@ def plan_shards(settings: ShardingSettings) -> tuple[FolderListing, list[list[Fo
     if previous is not None:
         diffs = [k for k in plan if previous.get(k) != plan[k]]
         if diffs:
-            detail = "; ".join(f"{k}: {previous.get(k)!r} != {plan[k]!r}" for k in diffs[:3])
+            detail = "; ".join(f"{k}: {_brief(previous.get(k))} != {_brief(plan[k])}" for k in diffs[:3])
             raise ValueError(
                 f"--output {settings.output} holds shards of another plan ({detail}): use a new --output"
             )
-    return listing, shards, plan
+    return listing, shards, plan | {"skipped": listing.skipped}
+
+
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_output(source: str, out: str) -> None:
+    """Refuse an --output that is a file, lies inside the input folder, or holds files but no plan record
+    of this job (a user's own `shard-000000.tar` would be overwritten)."""
+    fs, path = url_to_fs(out)
+    fs.invalidate_cache()
+    if fs.isfile(path):
+        raise ValueError(f"--output {out} is a file: give a directory")
+    local = isinstance(fs, LocalFileSystem) and "://" not in out and "://" not in source
+    if local and os.path.isdir(source):
+        inside, folder = os.path.realpath(path), os.path.realpath(source)
+        if inside == folder or inside.startswith(folder.rstrip("/") + "/"):
+            raise ValueError(f"--output {out} lies inside --input {source}: give a directory outside it")
+    if not fs.isdir(path) or fs.exists(posixpath.join(path, PLAN_FILE)):
+        return
+    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    names = [n for n in names if not is_temporary(n)]  # a killed first run's half-written plan record
+    if names:
+        more = ", ..." if len(names) > 3 else ""
+        raise ValueError(
+            f"--output {out} is not empty ({', '.join(names[:3])}{more}) and holds no {PLAN_FILE} of this "
+            "job: give a new or empty directory (files this job did not write are never overwritten)"
+        )
 
 
 def make_shards(settings: ShardingSettings) -> ShardingSummary:
-    """Plan, then write every unfinished shard; the summary of DIR as it is at the end."""
+    """Plan, then write every unfinished shard; the summary of DIR as it is at the end. A shard that
+    fails (an I/O error) is named in `failed` and left for the next run; the others are written."""
     t0 = time.perf_counter()
     listing, shards, plan = plan_shards(settings)
     out = settings.output
-    write_atomic(join(out, PLAN_FILE), json.dumps(plan, indent=1, sort_keys=True).encode())
+    write_atomic(
+        join(out, PLAN_FILE), json.dumps(plan, indent=1, sort_keys=True, ensure_ascii=False).encode()
+    )
     if listing.classes is not None:
         classes = {"classes": listing.classes, "label_of": {c: i for i, c in enumerate(listing.classes)}}
         write_atomic(join(out, CLASSES_FILE), json.dumps(classes, indent=1, ensure_ascii=False).encode())
@@ -151,7 +203,11 @@ def make_shards(settings: ShardingSettings) -> ShardingSummary:
     bar = tqdm(total=total, unit="img", disable=not settings.progress, file=sys.stderr, dynamic_ncols=True)
     try:
         for number in todo:
-            record = _write_one(out, settings, number, shards[number], bar)
+            try:
+                record = _write_one(out, settings, number, shards[number], bar)
+            except OSError as e:  # no record: the next run writes this shard again
+                summary.failed.append(f"{shard_name(settings.prefix, number)}: {type(e).__name__}: {e}")
+                continue
             records[number] = record
             summary.images_now += record["samples"]
             summary.bytes_now += record["bytes"]
@@ -167,15 +223,21 @@ def make_shards(settings: ShardingSettings) -> ShardingSummary:
 def _write_one(out: str, settings: ShardingSettings, number: int, items: list[FolderItem], bar) -> dict:
     name = shard_name(settings.prefix, number)
     skipped: list[dict] = []
+    files: list[dict] = []
+
+    def read(item: FolderItem) -> tuple[FolderItem, bytes | tuple[str, str]]:
+        return item, read_source(item.url, settings.max_file_bytes)  # I/O errors raise: the shard fails
 
     def samples() -> Iterator[dict]:
         window = 4 * settings.read_threads
-        for item, data in ordered_map(_read, items, settings.read_threads, window):
+        for item, data in ordered_map(read, items, settings.read_threads, window):
             bar.update(1)
-            why = _unusable(data)
+            why = data if isinstance(data, tuple) else _unusable(data)
             if why is not None:
                 skipped.append({"file": item.url, "key": item.key, "reason": why[0], "detail": why[1]})
                 continue
+            files.append({"file": item.url, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                          "key": item.key, "label": item.label})  # fmt: skip
             sample = {"__key__": item.key, item.ext: data}
             if item.label is not None:
                 sample["cls"] = item.label
@@ -190,24 +252,16 @@ def _write_one(out: str, settings: ShardingSettings, number: int, items: list[Fo
             digest.update(chunk)
             size += len(chunk)
     record = {"shard": name, "samples": count, "bytes": size, "sha256": digest.hexdigest(),
-              "first_key": items[0].key, "skipped": skipped}  # fmt: skip
-    write_atomic(join(out, RECORD_DIR, name + ".json"), json.dumps(record, indent=1).encode())
+              "first_key": items[0].key, "skipped": skipped, "files": files}  # fmt: skip
+    write_atomic(
+        join(out, RECORD_DIR, name + ".json"), json.dumps(record, indent=1, ensure_ascii=False).encode()
+    )
     return record
 
 
-def _read(item: FolderItem) -> tuple[FolderItem, bytes | OSError]:
-    try:
-        with fsspec.open(item.url, "rb") as f:
-            return item, f.read()
-    except OSError as e:
-        return item, e
-
-
-def _unusable(data: bytes | OSError) -> tuple[str, str] | None:
-    """(reason, detail) for a file that cannot be a sample: unreadable, empty, or not an image by its
-    content (the tokenize job decodes the rest and skips what it cannot decode, with its reasons)."""
-    if isinstance(data, OSError):
-        return UNREADABLE, f"{type(data).__name__}: {data}"
+def _unusable(data: bytes) -> tuple[str, str] | None:
+    """(reason, detail) for file bytes that cannot be a sample: empty, or not an image by their content
+    (the tokenize job decodes the rest and skips what it cannot decode, with its reasons)."""
     if not data:
         return EMPTY, "0 bytes"
     if image_format(data) is None:
