@@ -108,6 +108,11 @@ def test_class_folders_every_image_one_sample_with_its_label_and_tokenize_reads_
     again = make(["--input", str(src), "--output", str(out), "--samples-per-shard", "3"])
     assert again.returncode == 0 and f"{len(before)} shards finished before this run" in again.stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
+    plan = json.loads((out / "_make_shards.json").read_text())  # as an older version wrote it
+    older = {k: v for k, v in plan.items() if k not in ("classes", "max_file_bytes")}
+    (out / "_make_shards.json").write_text(json.dumps(older))
+    again = make(["--input", str(src), "--output", str(out), "--samples-per-shard", "3"])
+    assert again.returncode == 0 and f"{len(before)} shards finished before this run" in again.stdout, again
     other = make(["--input", str(src), "--output", str(out), "--samples-per-shard", "4"])
     assert other.returncode == 2 and other.stderr.count("\n") == 1 and "another plan" in other.stderr
 

@@ -40,6 +40,7 @@ from pipeline.data.stages import ordered_map
 from pipeline.io import join, read_json, remove_temporaries, write_atomic
 
 PLAN_FILE = "_make_shards.json"
+ADDED_FIELDS = ("classes", "max_file_bytes")  # plan fields that older plan records lack
 RECORD_DIR = "_make_shards"
 CLASSES_FILE = "classes.json"
 
@@ -138,7 +139,9 @@ def plan_shards(settings: ShardingSettings) -> tuple[FolderListing, list[list[Fo
     }
     previous = read_json(join(settings.output, PLAN_FILE))
     if previous is not None:
-        diffs = [k for k in plan if previous.get(k) != plan[k]]
+        # a plan written before a field existed implied today's value for it (the listing digest still
+        # tells a listing that differs, e.g. a class folder the older run dropped)
+        diffs = [k for k in plan if previous.get(k) != plan[k] and (k in previous or k not in ADDED_FIELDS)]
         if diffs:
             detail = "; ".join(f"{k}: {_brief(previous.get(k))} != {_brief(plan[k])}" for k in diffs[:3])
             raise ValueError(
