@@ -30,10 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.data.folder_shards import ShardingSettings, make_shards  # noqa: E402
 from pipeline.data.samples import iter_samples  # noqa: E402
-from pipeline.data.shard_writer import write_shard  # noqa: E402
 from pipeline.data.shards import open_shard  # noqa: E402
+from pipeline.pack.folder_shards import ShardingSettings, make_shards  # noqa: E402
+from pipeline.pack.shard_writer import write_shard  # noqa: E402
 from pipeline.tokenize.precision import resolve_encoder_precision  # noqa: E402
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions  # noqa: E402
 

@@ -29,10 +29,10 @@ sys.path.insert(0, str(REPO))
 import gq  # noqa: E402
 from pipeline.data.decode import Decoded, decode_sample  # noqa: E402
 from pipeline.data.samples import iter_samples  # noqa: E402
-from pipeline.data.shard_writer import write_shard  # noqa: E402
 from pipeline.data.shards import expand_shards, open_shard, shard_stem  # noqa: E402
 from pipeline.io import write_atomic  # noqa: E402
 from pipeline.memory import peak_rss_mib  # noqa: E402
+from pipeline.pack.shard_writer import write_shard  # noqa: E402
 from pipeline.tokenize.processor import TokenizeOptions  # noqa: E402
 from pipeline.tokens.records import read_manifest  # noqa: E402
 from pipeline.tokens.writer import parquet_bytes, token_table  # noqa: E402

@@ -30,8 +30,8 @@ import gq  # noqa: E402
 from pipeline.data import gpu_decode  # noqa: E402
 from pipeline.data.decode import Decoded, decode_sample  # noqa: E402
 from pipeline.data.samples import Sample, iter_samples  # noqa: E402
-from pipeline.data.shard_writer import write_shard  # noqa: E402
 from pipeline.data.shards import expand_shards, open_shard  # noqa: E402
+from pipeline.pack.shard_writer import write_shard  # noqa: E402
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions  # noqa: E402
 from pipeline.tokens.writer import parquet_bytes, token_table  # noqa: E402
 

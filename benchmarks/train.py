@@ -31,7 +31,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data.shard_writer import write_shard  # noqa: E402
+from pipeline.pack.shard_writer import write_shard  # noqa: E402
 from pipeline.train.config import TrainSettings  # noqa: E402
 from pipeline.train.run import run_training  # noqa: E402
 

@@ -23,8 +23,8 @@ import argparse
 import sys
 
 from pipeline.cli import add_dataclass_arguments, dataclass_from_args
-from pipeline.data.folder_shards import ShardingSettings, make_shards
-from pipeline.data.image_folder import LAYOUT_CHOICES
+from pipeline.pack.folder_shards import ShardingSettings, make_shards
+from pipeline.pack.image_folder import LAYOUT_CHOICES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

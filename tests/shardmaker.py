@@ -24,7 +24,7 @@ from pipeline.data.decode import (
     TOO_SMALL,
     TRUNCATED,
 )
-from pipeline.data.shard_writer import write_shard
+from pipeline.pack.shard_writer import write_shard
 
 HAS_WEBP = features.check("webp")
 

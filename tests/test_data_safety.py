@@ -16,7 +16,7 @@ from shardmaker import make_shard, shard_samples
 from jobs import tokenize
 from pipeline.data import stages as stages_module
 from pipeline.data.samples import MEMBER_TOO_LARGE, TAR_TRUNCATED, ShardUnreadable, iter_samples
-from pipeline.data.shard_writer import write_shard
+from pipeline.pack.shard_writer import write_shard
 from pipeline.tokenize.driver import JobSettings, plan, prepare_output
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 from pipeline.tokenize.summary import JobSummary

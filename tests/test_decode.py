@@ -43,8 +43,8 @@ from pipeline.data.decode import (
 )
 from pipeline.data.preprocess import preprocess
 from pipeline.data.samples import Note, Sample, Skip, iter_samples
-from pipeline.data.shard_writer import write_shard
 from pipeline.data.shards import open_shard
+from pipeline.pack.shard_writer import write_shard
 
 LIMITS = DecodeLimits()
 

@@ -16,8 +16,8 @@ import gq
 from jobs import evaluate
 from pipeline.data.decode import decode_image
 from pipeline.data.preprocess import preprocess
-from pipeline.data.shard_writer import write_shard
 from pipeline.evaluate import plots
+from pipeline.pack.shard_writer import write_shard
 
 ARGS = ["--image-size", "64", "--batch-size", "4", "--no-progress", "--decode-threads", "0"]
 

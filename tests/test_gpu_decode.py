@@ -17,7 +17,7 @@ from pipeline.data.decode import DecodeLimits
 from pipeline.data.gpu_decode import EncodedJpeg, GpuJpegDecoder, resize_crop, screen
 from pipeline.data.preprocess import preprocess
 from pipeline.data.samples import Sample
-from pipeline.data.shard_writer import write_shard
+from pipeline.pack.shard_writer import write_shard
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 
 DEMO = "assets/demo/gq-small-f8c16-0.25bpp-tdc.safetensors"

@@ -95,3 +95,39 @@ def test_repository_is_self_contained():
         if any(name in line for name in outside)
     ]
     assert not hits, hits
+
+
+# Inside pipeline/: the top modules (cli, io, memory) serve every part; data/ is images in, tokens/ the
+# token files; the jobs' parts use those and never each other; pack/ (make_shards) sits beside data/.
+PIPELINE_MAY_IMPORT = {
+    "data": {"data"},
+    "pack": {"pack", "data"},
+    "tokens": {"tokens", "data"},
+    "tokenize": {"tokenize", "tokens", "data"},
+    "train": {"train", "data"},
+    "evaluate": {"evaluate", "tokens", "data"},
+}
+
+
+def pipeline_part(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "pipeline" and len(parts) > 2 else None
+
+
+def test_pipeline_parts_import_downward_only():
+    assert set(PIPELINE_MAY_IMPORT) == {
+        p.name for p in (REPO / "pipeline").iterdir() if (p / "__init__.py").exists()
+    }
+    wrong = [
+        f"{src} imports {dst}"
+        for src, targets in graph().items()
+        if (part := pipeline_part(src))
+        for dst in targets
+        if pipeline_part(dst) and pipeline_part(dst) not in PIPELINE_MAY_IMPORT[part]
+    ]
+    assert not wrong, wrong
+
+
+def test_pipeline_top_holds_at_most_three_modules():
+    top = sorted(p.name for p in (REPO / "pipeline").glob("*.py") if p.name != "__init__.py")
+    assert len(top) <= 3, top

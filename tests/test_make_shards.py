@@ -22,7 +22,7 @@ from gq.storage import is_temporary
 from jobs import make_shards
 from pipeline.data.decode import EMPTY, NOT_IMAGE
 from pipeline.data.samples import iter_samples
-from pipeline.data.source_file import MISSING
+from pipeline.pack.source_file import MISSING
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ from shardmaker import bad_input_samples, make_shard
 import gq
 from pipeline.data.decode import DecodeLimits, decode_image, decode_image_and_shape
 from pipeline.data.preprocess import preprocess
-from pipeline.data.shard_writer import write_shard
 from pipeline.data.stages import ordered_map
+from pipeline.pack.shard_writer import write_shard
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 from pipeline.tokens.records import read_manifest
 from pipeline.tokens.writer import read_metadata

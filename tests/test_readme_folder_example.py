@@ -20,7 +20,7 @@ from processes import kill_marked
 from shardmaker import jpeg_bytes, photo_like, real_jpegs
 
 from jobs import make_shards
-from pipeline.data.shard_writer import write_shard
+from pipeline.pack.shard_writer import write_shard
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 
 REPO = Path(__file__).resolve().parents[1]

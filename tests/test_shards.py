@@ -20,8 +20,8 @@ from pipeline.data.samples import (
     Skip,
     iter_samples,
 )
-from pipeline.data.shard_writer import write_shard
 from pipeline.data.shards import expand_shards, open_shard, shard_stem
+from pipeline.pack.shard_writer import write_shard
 
 
 def touch(path, data=b"x"):

@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.data.decode import Decoded
 from pipeline.data.samples import SHARD_UNREADABLE, Sample, Skip
-from pipeline.data.shard_writer import write_shard
 from pipeline.data.stages import batched, decoded, first_rows, shard_samples
+from pipeline.pack.shard_writer import write_shard
 
 
 def fake_decode(sample: Sample) -> Decoded | Skip:

@@ -23,7 +23,7 @@ from shardmaker import jpeg_bytes, make_shard, photo_like, shard_samples
 
 import gq
 import gq.metrics
-from pipeline.data.shard_writer import write_shard
+from pipeline.pack.shard_writer import write_shard
 from pipeline.train.checkpoint import (
     SNAPSHOT,
     checkpoint_complete,

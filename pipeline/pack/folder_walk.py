@@ -1,12 +1,12 @@
 """Every file under a folder, local or on any fsspec store, with nothing dropped: the walk behind
-`pipeline/data/image_folder.py`.
+`pipeline/pack/image_folder.py`.
 
 fsspec's `find` omits directories it cannot list and does not follow directory links, so a class folder
 that is unreadable or a symlink would vanish with its files. Here a local walk follows directory links
 (a link back to one of its own ancestors is a loop: recorded, not followed) and lets any error listing a
 directory propagate (an OSError: the job exits 1 and a rerun completes once the folder can be read).
 Files that are not regular (FIFOs, devices, sockets, broken links) are listed like any other: reading
-them (pipeline/data/source_file.py) records why they give no sample.
+them (pipeline/pack/source_file.py) records why they give no sample.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@
 
 The layout of a folder is `layout=` "classes" or "flat", or "auto": flat with a labels file, else class
 folders when images lie only in subfolders, flat when only at the top, refused when both. The folder is
-walked by pipeline/data/folder_walk.py (directory links followed, unreadable directories an error).
+walked by pipeline/pack/folder_walk.py (directory links followed, unreadable directories an error).
 Image files are recognised by extension (IMAGE_EXTENSIONS, any case); in a folder, hidden files,
 `__MACOSX/` and other files are ignored (a list file names its files: any path is taken). Keys come from
-the relative paths (pipeline/data/sample_keys.py). The order is the sorted relative paths (list files:
+the relative paths (pipeline/pack/sample_keys.py). The order is the sorted relative paths (list files:
 their line order).
 """
 
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from fsspec.core import url_to_fs
 
 from pipeline.data.decode import IMAGE_EXTENSIONS
-from pipeline.data.folder_walk import FolderWalk, walk_folder
-from pipeline.data.sample_keys import KeyMaker
+from pipeline.pack.folder_walk import FolderWalk, walk_folder
+from pipeline.pack.sample_keys import KeyMaker
 
 # Reasons a file of the listing gives no sample (the tar-side reasons are in decode.py and samples.py).
 NOT_LISTED = "not in the labels file"

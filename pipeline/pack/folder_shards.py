@@ -1,6 +1,6 @@
 """An image folder packed into WebDataset shards: the plan, the writing, resume and the summary.
 
-`DIR/<prefix>-NNNNNN.tar` holds N samples of the listing (pipeline/data/image_folder.py) in its order, or
+`DIR/<prefix>-NNNNNN.tar` holds N samples of the listing (pipeline/pack/image_folder.py) in its order, or
 in a seeded shuffle of it: `<key>.<ext>` with the file's bytes as they are (never re-encoded) and
 `<key>.cls` when the image has a label. `DIR/_make_shards.json` pins the plan (settings, a fingerprint
 of the listing, the files the listing skipped); a rerun with another plan into the same DIR is refused,
@@ -9,7 +9,7 @@ Each shard is written to a temporary name and renamed (one upload on object stor
 `DIR/_make_shards/<shard>.json` (samples, bytes, sha256, skipped files with reasons, and the file -> key
 map: each sample's source path, size, sha256, key and label); a shard with its record is finished and
 left alone, so a rerun after a kill completes what is missing. A file that cannot be read for a reason
-other than its content (pipeline/data/source_file.py) fails its shard, which gets no record: the job
+other than its content (pipeline/pack/source_file.py) fails its shard, which gets no record: the job
 exits 1 and a rerun completes it. `DIR/classes.json` maps labels to class names.
 """
 
@@ -32,12 +32,12 @@ from tqdm import tqdm
 
 from gq.storage import is_temporary
 from pipeline.data.decode import EMPTY, NOT_IMAGE, image_format
-from pipeline.data.image_folder import FolderItem, FolderListing, list_image_folder
 from pipeline.data.samples import DEFAULT_MAX_MEMBER_BYTES
-from pipeline.data.shard_writer import write_shard
-from pipeline.data.source_file import read_source
 from pipeline.data.stages import ordered_map
 from pipeline.io import join, read_json, remove_temporaries, write_atomic
+from pipeline.pack.image_folder import FolderItem, FolderListing, list_image_folder
+from pipeline.pack.shard_writer import write_shard
+from pipeline.pack.source_file import read_source
 
 PLAN_FILE = "_make_shards.json"
 ADDED_FIELDS = ("classes", "max_file_bytes")  # plan fields that older plan records lack
