@@ -96,7 +96,8 @@ def _capped(tag: str, items: list[str], most: int = 20) -> list[str]:
 
 
 def _seconds(waits: list[float]) -> str:
-    return f"{waits[0]:.1f} s" if len(waits) == 1 else f"{min(waits):.1f}-{max(waits):.1f} s"
+    least, most = f"{min(waits):.1f}", f"{max(waits):.1f}"
+    return f"{most} s" if least == most else f"{least}-{most} s"
 
 
 def _by_reason(counts: Counter) -> str:
