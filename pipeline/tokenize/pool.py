@@ -179,17 +179,18 @@ class ActorPool:
         if not self.members:
             return f"tokenizer actors die before they start ({self._start_error})"
         waited = time.perf_counter() - self._none_alive_since
-        return self.no_room(waited) if waited >= wait else None
+        return self.no_room(waited, wait) if waited >= wait else None
 
-    def no_room(self, waited: float) -> str:
-        """`no tokenizer actor alive and none placed in N s: each asks for ...; the cluster has ...`."""
+    def no_room(self, waited: float, wait: float) -> str:
+        """`no tokenizer actor alive and none placed in N s (--actor-wait S s): each asks for ...; the
+        cluster has ...`."""
         total, free = ray.cluster_resources(), ray.available_resources()
         nodes = sum(1 for n in ray.nodes() if n["Alive"])
         asked = ", ".join(f"{k} {v:g}" for k, v in self.request.items())
         has = ", ".join(f"{k} {free.get(k, 0):g} free of {total.get(k, 0):g}" for k in self.request)
         return (
-            f"no tokenizer actor alive and none placed in {waited:.0f} s (--actor-wait): each asks for "
-            f"{asked}; the cluster has {has} on {nodes} live node(s)"
+            f"no tokenizer actor alive and none placed in {waited:.0f} s (--actor-wait {wait:g} s): "
+            f"each asks for {asked}; the cluster has {has} on {nodes} live node(s)"
         )
 
     def images(self) -> int:
