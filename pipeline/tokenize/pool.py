@@ -132,12 +132,13 @@ class ActorPool:
         """`m` was placed, or loaded its model; or it died before either."""
         try:
             answer = ray.get(m.placed_ref if m.where is None else m.loaded_ref)
-        except RayActorError as e:
-            if not any(a.actor is m.actor for a in self.inflight.values()):  # else its shards will tell
-                self.lose(m.actor, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
-            return
-        except RayError:  # the model failed to load: each shard sent raises the error, to be retried
-            answer = None
+        except RayError as e:
+            if m.where is None or isinstance(e, RayActorError):  # it died
+                m.loaded = True  # watched no longer: the shards it holds report its death, or lose() now
+                if not any(a.actor is m.actor for a in self.inflight.values()):
+                    self.lose(m.actor, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+                return
+            answer = None  # its model failed to load: each shard sent raises the error, to be retried
         if m.where is None:
             m.where, self._start_failures = answer, 0
             if m.replacement:
