@@ -362,6 +362,31 @@ def test_actor_that_cannot_be_placed_stops_within_the_wait(tmp_path, small_check
     assert "STOPPED no tokenizer actor" in text and "1 shard(s) left to do: a rerun completes them" in text
 
 
+def test_model_that_fails_to_load_fails_its_shards_with_the_reason(tmp_path, small_checkpoint):
+    """An actor loads its model ahead of its first shard; a load that fails (here: the checkpoint is not
+    the one recorded for the run) fails each shard with that error, not with a dead actor's."""
+    import ray
+
+    from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job
+
+    make_shard(str(tmp_path / "one.tar"), 2, seed=42)
+    settings = JobSettings(
+        input=str(tmp_path / "one.tar"), output=str(tmp_path / "out"), checkpoint=small_checkpoint,
+        options=TokenizeOptions(image_size=SIZE), retries=1, progress=False,
+    )  # fmt: skip
+    shards, run = plan(settings)
+    prepare_output(settings, run)
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        summary = run_job(settings, shards, run | {"model_sha256": "0" * 64})
+    finally:
+        ray.shutdown()
+    assert summary.exit_code == 1 and summary.committed_now == 0 and summary.retried == 1
+    assert summary.failed == {"one": f"ValueError: {small_checkpoint} changed during the run (sha256 differs "
+                              "from the run record)"}  # fmt: skip
+    assert not summary.lost_actors and summary.actors_at_end == 1
+
+
 def wds_key(name: str) -> tuple[str, str] | None:
     """(key, extension) of a member name by the WebDataset rule, written here independently of pipeline/."""
     directory, base = posixpath.split(name)
