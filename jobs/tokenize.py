@@ -6,7 +6,8 @@ Run locally:        python jobs/tokenize.py --input 'shards/train-{000000..00000
                         --checkpoint model.safetensors
 Without a cluster to join it starts an embedded local Ray. Started again after any interruption it skips
 the committed shards. Exit status: 0 every shard committed, 1 a shard could not be committed (unreadable,
-or failing after retries; named in the summary), 2 bad arguments.
+or failing after retries; named in the summary) or the run stopped with no actor left and none placed
+within --actor-wait (the summary says what was asked for and what the cluster has), 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -91,6 +92,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "slightly); nvjpeg: decode JPEGs on the actor's GPU in batches (needs torchvision, --gpus-per-actor)",
     )
     p.add_argument("--retries", type=int, default=3, help="attempts per shard after the first")
+    p.add_argument(
+        "--actor-wait",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="with no actor alive and none placed within S seconds (the cluster lost its nodes, or has no "
+        "room for one), stop with exit 1; committed shards are kept and a rerun completes the rest. While "
+        "one actor is alive the run goes on, and replacements of lost actors join when placed",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary still prints)")
     args = p.parse_args(argv)
     for name in ("image_size", "batch_size", "actors", "min_side", "max_pixels", "max_member_bytes"):
@@ -100,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.decode_threads = 1 if args.gpus_per_actor == 0 else 4
     if args.decode_threads < 0 or args.retries < 0 or args.gpus_per_actor < 0 or args.max_aspect < 1:
         p.error("--decode-threads, --retries, --gpus-per-actor must be >= 0 and --max-aspect >= 1")
+    if not args.actor_wait > 0:
+        p.error("--actor-wait must be > 0")
     if args.jpeg_decoder == "nvjpeg" and args.gpus_per_actor == 0:
         p.error("--jpeg-decoder nvjpeg needs GPU actors (--gpus-per-actor > 0)")
     if args.jpeg_decoder == "nvjpeg" and args.views != "center":
@@ -147,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         on_existing=args.on_existing,
         allow_nonempty_output=args.allow_nonempty_output,
         retries=args.retries,
+        actor_wait=args.actor_wait,
         progress=not args.no_progress,
     )
     try:

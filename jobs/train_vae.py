@@ -8,7 +8,8 @@ Started again with the same --output after any interruption, it resumes from the
 optimizer state, TDC multipliers, data position); a finished run just re-exports DIR/model.safetensors.
 Without a Ray cluster to join it starts an embedded local one. --output must be a directory the driver
 and every worker can write (a shared filesystem on a multi-node cluster), and absolute under `ray job
-submit`, whose working directory is a temporary copy. Exit status: 0 done, 1 failed, 2 bad arguments.
+submit`, whose working directory is a temporary copy. Exit status: 0 done, 1 failed (or no room for the
+workers within --worker-wait: the checkpoints are kept for a rerun), 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import gq
 from gq.tdc import MODES
 from pipeline.cli import add_config_arguments, config_from_args
 from pipeline.train.config import TrainSettings
-from pipeline.train.run import InputError, run_training
+from pipeline.train.run import InputError, NoRoomForWorkers, run_training
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, TrainSettings]:
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:  # found before Ray starts: a bad pattern is exit 2, not a failed run
         print(f"train_vae: error: {e}", file=sys.stderr)
         return 2
+    except NoRoomForWorkers as e:  # not a failure of the code: one line, no traceback
+        print(f"train_vae: stopped: {e}", file=sys.stderr)
+        return 1
     except Exception as e:  # a clear one-line reason at the end of the log, the traceback above it
         traceback.print_exc()
         print(f"train_vae: failed: {type(e).__name__}: {e}", file=sys.stderr)

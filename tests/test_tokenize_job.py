@@ -331,6 +331,62 @@ def test_shard_failing_after_retries_is_named_and_exit_1(tmp_path, small_checkpo
     assert summary.encoded == summary.rows == 3  # reported by the actor batch by batch
 
 
+def test_actor_that_cannot_be_placed_stops_within_the_wait(tmp_path, small_checkpoint):
+    """GPU actors asked of a Ray without GPUs (a GPU cluster at full allocation looks the same to the job):
+    no actor is ever placed, and the run stops after --actor-wait with what it asked and what Ray has."""
+    import ray
+
+    from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job
+
+    make_shard(str(tmp_path / "one.tar"), 2, seed=41)
+    settings = JobSettings(
+        input=str(tmp_path / "one.tar"), output=str(tmp_path / "out"), checkpoint=small_checkpoint,
+        options=TokenizeOptions(image_size=SIZE), gpus_per_actor=1, actor_wait=1, progress=False,
+    )  # fmt: skip
+    shards, run = plan(settings)
+    prepare_output(settings, run)
+    ray.init(num_cpus=1, num_gpus=0, include_dashboard=False)
+    try:
+        summary = run_job(settings, shards, run)
+    finally:
+        ray.shutdown()
+    assert summary.exit_code == 1 and summary.committed_now == 0 and not summary.failed
+    waited, _, reason = summary.stopped.partition(" s (--actor-wait 1 s): ")
+    assert int(waited.removeprefix("no tokenizer actor alive and none placed in ")) >= 1, summary.stopped
+    assert (
+        reason
+        == "each asks for CPU 1, GPU 1; the cluster has CPU 1 free of 1, GPU 0 free of 0 on 1 live node(s)"
+    )
+    text = summary.format()
+    assert "actors: started on 0 node(s), 0 of 1 running at the end; 1 never placed (no room)" in text
+    assert "STOPPED no tokenizer actor" in text and "1 shard(s) left to do: a rerun completes them" in text
+
+
+def test_model_that_fails_to_load_fails_its_shards_with_the_reason(tmp_path, small_checkpoint):
+    """An actor loads its model ahead of its first shard; a load that fails (here: the checkpoint is not
+    the one recorded for the run) fails each shard with that error, not with a dead actor's."""
+    import ray
+
+    from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job
+
+    make_shard(str(tmp_path / "one.tar"), 2, seed=42)
+    settings = JobSettings(
+        input=str(tmp_path / "one.tar"), output=str(tmp_path / "out"), checkpoint=small_checkpoint,
+        options=TokenizeOptions(image_size=SIZE), retries=1, progress=False,
+    )  # fmt: skip
+    shards, run = plan(settings)
+    prepare_output(settings, run)
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        summary = run_job(settings, shards, run | {"model_sha256": "0" * 64})
+    finally:
+        ray.shutdown()
+    assert summary.exit_code == 1 and summary.committed_now == 0 and summary.retried == 1
+    assert summary.failed == {"one": f"ValueError: {small_checkpoint} changed during the run (sha256 differs "
+                              "from the run record)"}  # fmt: skip
+    assert not summary.lost_actors and summary.actors_at_end == 1
+
+
 def wds_key(name: str) -> tuple[str, str] | None:
     """(key, extension) of a member name by the WebDataset rule, written here independently of pipeline/."""
     directory, base = posixpath.split(name)

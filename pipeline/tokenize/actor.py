@@ -19,7 +19,10 @@ MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"}
 
 class TokenizerActor:
     """Holds the model; `process(url, output)` tokenizes and commits one shard, telling `counter` (a
-    ProgressCounter actor) of each batch of images as it is encoded."""
+    ProgressCounter actor) of each batch of images as it is encoded.
+
+    Construction is cheap and the model is loaded by `load()` (or the first `process`): the answer to
+    `where()` then tells the pool that the actor is placed on a node, apart from how long loading takes."""
 
     def __init__(
         self,
@@ -30,8 +33,15 @@ class TokenizerActor:
         expected_sha256: str,
         counter=None,
     ) -> None:
-        self.worker = ShardTokenizer(checkpoint, options, device, threads, expected_sha256)
+        self._args = (checkpoint, options, device, threads, expected_sha256)
+        self.worker: ShardTokenizer | None = None
         self.counter = counter
+
+    def load(self) -> None:
+        """Load the model, once; one that failed to load is tried again (and its error raised) by the
+        next shard, so that the error reaches that shard's record in the summary."""
+        if self.worker is None:
+            self.worker = ShardTokenizer(*self._args)
 
     def pid(self) -> int:
         return os.getpid()
@@ -42,6 +52,7 @@ class TokenizerActor:
         return {"pid": os.getpid(), "node_id": node, "node_ip": ray.util.get_node_ip_address()}
 
     def process(self, url: str, output: str) -> dict:
+        self.load()
         if self.counter is None:
             return self.worker.process(url, output)
         record = self.worker.process(url, output, self.counter.add.remote)  # reports: fire and forget

@@ -1,9 +1,10 @@
 """The tokenize job's driver: plan the run, feed shards to a pool of tokenizer actors, retry, report.
 
 Shards go through a dynamic queue (an actor asks for the next shard when one finishes), committed shards
-are skipped (resume by default), a shard whose actor dies or fails is retried on a fresh actor (one whose
+are skipped (resume by default), a shard whose actor dies or fails is retried by another actor (one whose
 bytes are unreadable fails at once and is left to the next run), and a progress bar shows shards done,
-images encoded (reported as they are, inside shards), images/s, ETA and samples skipped.
+images encoded (reported as they are, inside shards), images/s, ETA and samples skipped. A run left with
+no actor, and no room on the cluster for one within `actor_wait`, stops with the rest left to a rerun.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class JobSettings:
     on_existing: str = "skip"  # "skip": resume, committed shards kept; "overwrite": start DIR afresh
     allow_nonempty_output: bool = False  # write into a DIR that holds files but no run record of ours
     retries: int = 3  # attempts per shard after the first, across actor deaths and errors
+    actor_wait: float = 300.0  # seconds with no actor alive and none placed before the run stops (exit 1)
     progress: bool = True  # live progress bar on stderr
 
 
@@ -112,6 +114,8 @@ def plan(settings: JobSettings) -> tuple[list[str], dict]:
         raise ValueError(f"--on-existing must be one of {ON_EXISTING}")
     if settings.actors < 1:
         raise ValueError("--actors must be >= 1")
+    if not settings.actor_wait > 0:
+        raise ValueError("--actor-wait must be > 0")
     check_paths(settings.checkpoint, settings.output)
     shards = expand_shards(settings.input)
     check_exist(shards)
@@ -168,7 +172,7 @@ def run_job(settings: JobSettings, shards: list[str], run: dict) -> JobSummary:
         )  # fmt: skip
         bar = progress_bar(settings.progress, len(shards), summary.committed_before)
         try:
-            _drain(pool, todo, settings.retries, summary, bar, t0)
+            _drain(pool, todo, settings, summary, bar, t0)
         finally:
             bar.close()
             pool.close()
@@ -188,32 +192,35 @@ def progress_bar(enabled: bool, total: int, initial: int) -> tqdm:
     )
 
 
-def _drain(pool: ActorPool, todo: deque, retries: int, summary: JobSummary, bar: tqdm, t0: float) -> None:
-    """Run shards until none is queued or in flight; a failed attempt goes back to the front of the queue
-    up to `retries` times, except an unreadable shard, which fails at once (its bytes will not change)."""
+def _drain(
+    pool: ActorPool, todo: deque, settings: JobSettings, summary: JobSummary, bar: tqdm, t0: float
+) -> None:
+    """Run shards until none is queued or in flight, or the pool stalls; a failed attempt goes back to the
+    front of the queue up to `retries` times, except an unreadable shard, which fails at once (its bytes
+    will not change). The shards a lost actor held come back at once, for the actors left to take."""
     attempts: Counter = Counter()
 
     def retry(url: str, err: str) -> None:
         attempts[url] += 1
-        if attempts[url] > retries:
+        if attempts[url] > settings.retries:
             summary.failed[shard_stem(url)] = err
         else:
             summary.retried += 1
             summary.retried_shards[shard_stem(url)] = err
             todo.appendleft(url)
 
-    summary.actor_nodes = pool.wait_ready()
-    summary.startup_seconds = time.perf_counter() - t0
-    for slot in range(len(pool.actors)):
-        pool.feed(slot, todo)
-    while pool.inflight:
+    pool.feed(todo)
+    while pool.inflight or todo:
+        if (stalled := pool.stalled(settings.actor_wait)) is not None:
+            summary.stopped = stalled
+            break
         for attempt in pool.finished():
             try:
                 record = ray.get(attempt.ref)
-            except RayActorError as e:  # the actor or its node died: each shard it held comes back here
+            except RayActorError as e:  # the actor or its node died: every shard it held comes back now
                 why = f"{type(e).__name__}: {_actor_death(e)}"
-                pool.replace(attempt, why)
-                retry(attempt.url, f"actor died: {why}")
+                for url in [attempt.url, *pool.lose(attempt.actor, why)]:
+                    retry(url, f"actor died: {why}")
             except RayTaskError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e
                 error = f"{type(cause).__name__}: {str(cause).splitlines()[-1][:300]}"
@@ -224,10 +231,8 @@ def _drain(pool: ActorPool, todo: deque, retries: int, summary: JobSummary, bar:
             else:
                 summary.add(record)
                 bar.update(1)
-            pool.feed(attempt.slot, todo)
-        summary.encoded = pool.images()
-        summary.actor_restarts = pool.restarts
-        summary.lost_actors = pool.lost
+        pool.feed(todo)
+        _actors(pool, summary, t0)
         elapsed = time.perf_counter() - t0
         bar.set_postfix(
             images=summary.encoded,
@@ -236,6 +241,17 @@ def _drain(pool: ActorPool, todo: deque, retries: int, summary: JobSummary, bar:
             failed=len(summary.failed),
             refresh=False,
         )
+    _actors(pool, summary, t0)  # as the run ends: actors running, replacements still waiting
+
+
+def _actors(pool: ActorPool, summary: JobSummary, t0: float) -> None:
+    """The pool's state into the summary: actors started, lost, replaced, running and waiting."""
+    summary.encoded = pool.images()
+    summary.actor_restarts, summary.lost_actors = pool.restarts, pool.lost
+    summary.actor_nodes = len(pool.first_nodes)
+    summary.actors_asked, summary.actors_at_end = pool.size, pool.alive
+    summary.replacement_waits, summary.actors_waiting = pool.replacement_waits, pool.waiting()
+    summary.startup_seconds = (pool.ready_at or time.perf_counter()) - t0
 
 
 def _actor_death(e: RayActorError) -> str:

@@ -23,13 +23,18 @@ class JobSummary:
     retried_shards: dict[str, str] = field(default_factory=dict)  # stem -> error of its last failed attempt
     actor_restarts: int = 0
     actor_nodes: int = 0  # nodes the first actors ran on
+    actors_asked: int = 0  # actors the pool keeps asking for (--actors, at most one per shard to do)
+    actors_at_end: int = 0  # actors placed and alive when the run ended
+    replacement_waits: list[float] = field(default_factory=list)  # seconds each placed replacement waited
+    actors_waiting: list[float] = field(default_factory=list)  # seconds each actor unplaced at the end waited
+    stopped: str = ""  # why the run stopped with shards left to do (no actor alive, none placed in time)
     lost_actors: list[str] = field(default_factory=list)  # actor, node, pid and why, for each that died
     seconds: float = 0.0
     startup_seconds: float = 0.0  # until every actor had loaded its model
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.stopped else 0
 
     def add(self, record: dict) -> None:
         """Count a shard's commit record."""
@@ -51,8 +56,8 @@ class JobSummary:
             "one row per view of an image)",
             f"samples skipped: {sum(self.skipped.values())}{_by_reason(self.skipped)}",
         ]
-        if self.actor_nodes:
-            lines.append(f"actors: started on {self.actor_nodes} node(s)")
+        if self.actors_asked:
+            lines.append(self._actors())
         if self.notes:
             lines.append(f"notes on kept rows: {sum(self.notes.values())}{_by_reason(self.notes)}")
         for stem, where in self.truncated_shards.items():
@@ -65,7 +70,21 @@ class JobSummary:
             lines.append(
                 f"FAILED {stem}: not committed, its samples are not in the output; rerun to retry ({err})"
             )
+        if self.stopped:
+            left = self.shards_total - self.committed_before - self.committed_now - len(self.failed)
+            lines.append(f"STOPPED {self.stopped}; {left} shard(s) left to do: a rerun completes them")
         return "\n".join(lines)
+
+    def _actors(self) -> str:
+        """`actors: started on N node(s), M of K running at the end` and how long replacements waited."""
+        placed, unplaced = self.replacement_waits, self.actors_waiting
+        line = f"actors: started on {self.actor_nodes} node(s), {self.actors_at_end} of {self.actors_asked} "
+        line += "running at the end"
+        if placed:
+            line += f"; {len(placed)} replacement(s) placed after {_seconds(placed)}"
+        if unplaced:
+            line += f"; {len(unplaced)} never placed (no room), waited {_seconds(unplaced)}"
+        return line
 
 
 def _capped(tag: str, items: list[str], most: int = 20) -> list[str]:
@@ -74,6 +93,11 @@ def _capped(tag: str, items: list[str], most: int = 20) -> list[str]:
     if len(items) > most:
         lines.append(f"{tag} ... and {len(items) - most} more")
     return lines
+
+
+def _seconds(waits: list[float]) -> str:
+    least, most = f"{min(waits):.1f}", f"{max(waits):.1f}"
+    return f"{most} s" if least == most else f"{least}-{most} s"
 
 
 def _by_reason(counts: Counter) -> str:

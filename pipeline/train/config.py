@@ -87,10 +87,13 @@ class ScalingSettings:
     gpu: bool = False  # one GPU per worker (NCCL); else CPU (gloo)
     cpus_per_worker: int = 1  # CPUs reserved per worker, and its torch threads on CPU
     max_failures: int = 0  # Ray Train restarts from the last checkpoint on a lost worker/node; -1: unlimited
+    worker_wait: float = 300.0  # seconds a (re)start of the worker group may wait for room; then exit 1
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "workers", "cpus_per_worker")
         _at_least(self, -1, "max_failures")
+        if not self.worker_wait > 0:
+            raise ValueError(f"worker_wait must be > 0, got {self.worker_wait}")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,11 @@ Resume: running again with the same DIR continues from the latest checkpoint. Ra
 checkpoint list from `ray_train/` and hands the latest checkpoint to the workers (`ray.train.get_checkpoint`).
 When that list cannot be used (torn by a kill while being written, written by another Ray version, or
 gone), it is moved aside and the newest complete `step-*` directory found on disk is used instead.
+
+Room for the workers: a start or restart of the worker group waits at most `scaling.worker_wait` seconds for
+its resources (Ray Train's worker-group start timeout), and is not tried again (its controller retries
+would wait forever on a cluster that lost its spare nodes): `run_training` raises `NoRoomForWorkers`,
+saying what was asked for and what the cluster has, and the checkpoints stay for a rerun.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +53,13 @@ from pipeline.train.loop import train_loop_per_worker
 
 EXPERIMENT = "ray_train"  # Ray Train's run name: its storage is DIR/ray_train
 MODEL_KEYS = ("preset", "bpp", "kl_mode")  # ModelSettings fields a restart may not change
+# Ray Train's wait for a worker group's placement group (default 60 s, then retried without limit); the
+# driver's value is handed on to its controller.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+class NoRoomForWorkers(RuntimeError):
+    """The worker group could not be (re)started within `scaling.worker_wait`: no room on the cluster."""
 
 
 @dataclass
@@ -107,10 +120,13 @@ def fit(settings: TrainSettings, shards: tuple[list[str], list[str]]) -> TrainRe
             name=EXPERIMENT,
             storage_path=str(out),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.schedule.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=settings.scaling.max_failures),
+            # a worker group that cannot be placed fails the run: its controller's errors are not retried
+            failure_config=ray.train.FailureConfig(
+                max_failures=settings.scaling.max_failures, controller_failure_limit=0
+            ),
         ),
     )
-    result = trainer.fit()
+    result = fit_bounded(trainer, settings, resources)
     metrics = dict(result.metrics or {})
     return TrainResult(
         step=int(metrics.get("step", 0)),
@@ -119,6 +135,51 @@ def fit(settings: TrainSettings, shards: tuple[list[str], list[str]]) -> TrainRe
         metrics=metrics,
         checkpoint=result.checkpoint.path if result.checkpoint else None,
     )
+
+
+def fit_bounded(trainer, settings: TrainSettings, resources: dict):
+    """`trainer.fit()`, its worker group's waits for room bounded by `scaling.worker_wait`."""
+    import ray.train
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    try:
+        with _environ(START_TIMEOUT_ENV, f"{settings.scaling.worker_wait:g}"):
+            return trainer.fit()
+    except ray.train.ControllerError as e:
+        if isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
+            raise NoRoomForWorkers(no_room(settings, resources)) from e
+        raise
+
+
+def no_room(settings: TrainSettings, resources: dict) -> str:
+    """What was asked for, what the cluster has, and what is kept."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    asked = ", ".join(f"{k} {v:g}" for k, v in resources.items())
+    has = ", ".join(f"{k} {free.get(k, 0):g} free of {total.get(k, 0):g}" for k in resources)
+    latest = latest_checkpoint(Path(settings.output) / EXPERIMENT)
+    kept = f"the checkpoint {latest.name} is kept" if latest else "no checkpoint was made yet"
+    return (
+        f"no room for the worker group within {settings.scaling.worker_wait:g} s (--worker-wait): "
+        f"{settings.scaling.workers} worker(s) of {asked} asked for; the cluster has {has} on {nodes} "
+        f"live node(s); {kept}: rerun with the same --output when there is room"
+    )
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """`os.environ[name] = value` for the block (Ray Train reads its settings from the environment)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 class InputError(ValueError):
