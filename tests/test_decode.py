@@ -88,6 +88,7 @@ def test_reason_strings_are_the_documented_ones():
         "unparsable label",
         "invalid UTF-8",
         "invalid JSON",
+        "unreadable member",
     )
     assert not set(decode.NOTES) & set(decode.REASONS)
 
