@@ -255,6 +255,8 @@ def test_one_view_or_all_and_flat_export_of_a_view(tmp_path):
     expected = write_view_tokens(str(tmp_path), "f", 5, "flip", 3)
     mirrored = TokenDataset(str(tmp_path), shuffle=False, with_meta=True, views=1)
     assert [(d["key"], d["view"]) for d in mirrored] == [(f"f/{i:04d}", 1) for i in range(5)]
+    numpy_view = TokenDataset(str(tmp_path), shuffle=False, with_meta=True, views=np.int64(1))
+    assert [(d["key"], d["view"]) for d in numpy_view] == [(f"f/{i:04d}", 1) for i in range(5)]
     every = TokenDataset(str(tmp_path), shuffle=False, with_meta=True)
     assert [(d["key"], d["view"]) for d in every] == sorted(expected)
     with pytest.raises(ValueError, match="2 view"):

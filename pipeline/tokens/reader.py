@@ -253,7 +253,7 @@ class TokenDataset(IterableDataset):
         check_columns(self.files, columns)
         self.columns = columns
         self.units = units_of(self.files)
-        self.views = views
+        self.views = views = views if isinstance(views, str) else int(views)  # a numpy integer too
         self._views_of = {f.url: f.views for f in self.files}
         if isinstance(views, int) and views >= min(f.views for f in self.files):
             f = min(self.files, key=lambda f: f.views)
