@@ -124,6 +124,36 @@ def test_every_failure_of_a_kept_member_is_its_note_and_the_shard_is_committed(
     assert all(len(d) < 250 for d in details.values())
 
 
+def test_a_member_name_that_is_not_utf8_becomes_an_escaped_key_and_the_shard_is_committed(
+    tmp_path, small_checkpoint
+):
+    """A tar member named with non-UTF-8 bytes (a Latin-1 file name): its key was a string with lone
+    surrogates, which Parquet cannot write, so the whole shard failed on every retry."""
+    import tarfile
+
+    path = tmp_path / "names-000000.tar"
+    members = [
+        (b"good.jpg", jpeg_bytes(photo_like(0, 80, 96))),
+        (b"caf\xe9.jpg", jpeg_bytes(photo_like(1, 80, 96))),
+        (b"caf\xe9.txt", "crème".encode()),
+    ]
+    with tarfile.open(
+        path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape"
+    ) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    worker = ShardTokenizer(small_checkpoint, TokenizeOptions(image_size=SIZE, keep=("txt",)))
+    record = worker.process(str(path), str(tmp_path / "out"))
+    assert record["rows"] == 2 and not record["skipped"]
+    table = pq.read_table(tmp_path / "out" / "names-000000.parquet")
+    assert table.select(["key", "txt"]).to_pylist() == [
+        {"key": "good", "txt": None},
+        {"key": "caf\\xe9", "txt": "crème"},  # the byte 0xE9 written out, the file traceable
+    ]
+
+
 def test_run_record_pins_keep_and_views_and_old_records_imply_none():
     def run(**pre):
         return {"model_sha256": "m", "preprocessing": {"image_size": 64, **pre}}
