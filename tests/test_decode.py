@@ -88,6 +88,7 @@ def test_reason_strings_are_the_documented_ones():
         "unparsable label",
         "invalid UTF-8",
         "invalid JSON",
+        "unreadable member",
     )
     assert not set(decode.NOTES) & set(decode.REASONS)
 
@@ -331,6 +332,10 @@ def test_label_of():
     assert label_of({"cls": b"cat"}) is None
     assert label_of({"cls": b"\xff"}) is None
     assert label_of({"jpg": b""}) is None
+    # the label column is int64: a larger .cls would fail the shard's write, so it is unparsable here
+    assert label_of({"cls": str(2**63 - 1).encode()}) == 2**63 - 1
+    assert label_of({"cls": str(-(2**63)).encode()}) == -(2**63)
+    assert label_of({"cls": str(2**63).encode()}) is None
 
 
 def test_decode_sample_center_and_training_crops():

@@ -63,6 +63,7 @@ def test_the_run_record_pins_the_resolved_precision_and_a_resume_cannot_mix(
     assert run_without_ray(monkeypatch, tmp_path, small_checkpoint, native=True) == 0
     record = json.loads((tmp_path / "out" / "_run.json").read_text())
     assert record["preprocessing"]["encoder_precision"] == "bfloat16"
+    assert record["preprocessing"]["batch_size"] == 32  # bf16 tokens depend on the batch: pinned too
     capsys.readouterr()
     # resumed on a CPU without native bf16, auto keeps the recorded precision (warned), never mixes
     assert run_without_ray(monkeypatch, tmp_path, small_checkpoint, native=False) == 0
@@ -75,6 +76,38 @@ def test_the_run_record_pins_the_resolved_precision_and_a_resume_cannot_mix(
         run_without_ray(monkeypatch, tmp_path, small_checkpoint, True, "--encoder-precision", "float32") == 2
     )
     assert "encoder_precision" in capsys.readouterr().err
+    # so is another batch size: the same images would get other bf16 tokens (issue 26, item 13)
+    assert run_without_ray(monkeypatch, tmp_path, small_checkpoint, True, "--batch-size", "10") == 2
+    err = capsys.readouterr().err
+    assert "different run" in err and "'batch_size': 10" in err and err.count("\n") == 1
+
+
+def test_bf16_token_files_record_their_batch_size_and_float32_ones_need_not(
+    monkeypatch, tmp_path, small_checkpoint
+):
+    from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
+    from pipeline.tokens.records import check_run
+
+    for chosen, want in (("bfloat16", 5), ("float32", None)):
+        opts = TokenizeOptions(image_size=64, batch_size=5, encoder_precision=chosen)
+        meta = ShardTokenizer(small_checkpoint, opts).file_metadata()  # every token file's `gq` metadata
+        assert meta["preprocessing"].get("batch_size") == want
+    # float32: the batch size stays a throughput knob, a resume may change it
+    assert (
+        run_without_ray(monkeypatch, tmp_path, small_checkpoint, True, "--encoder-precision", "float32") == 0
+    )
+    assert "batch_size" not in json.loads((tmp_path / "out" / "_run.json").read_text())["preprocessing"]
+    args = ("--encoder-precision", "float32", "--batch-size", "7")
+    assert run_without_ray(monkeypatch, tmp_path, small_checkpoint, True, *args) == 0
+    # a bf16 record from before the batch size was recorded: its settings say which it was
+    pre = TokenizeOptions(image_size=64, batch_size=8, encoder_precision="bfloat16").preprocessing()
+    old = {
+        "preprocessing": {k: v for k, v in pre.items() if k != "batch_size"},
+        "settings": {"batch_size": 8},
+    }
+    check_run(old, {"preprocessing": pre})
+    with pytest.raises(ValueError, match="different run"):
+        check_run(old, {"preprocessing": pre | {"batch_size": 16}})
 
 
 def test_auto_keeps_the_precision_of_a_run_it_resumes():

@@ -255,6 +255,8 @@ def test_one_view_or_all_and_flat_export_of_a_view(tmp_path):
     expected = write_view_tokens(str(tmp_path), "f", 5, "flip", 3)
     mirrored = TokenDataset(str(tmp_path), shuffle=False, with_meta=True, views=1)
     assert [(d["key"], d["view"]) for d in mirrored] == [(f"f/{i:04d}", 1) for i in range(5)]
+    numpy_view = TokenDataset(str(tmp_path), shuffle=False, with_meta=True, views=np.int64(1))
+    assert [(d["key"], d["view"]) for d in numpy_view] == [(f"f/{i:04d}", 1) for i in range(5)]
     every = TokenDataset(str(tmp_path), shuffle=False, with_meta=True)
     assert [(d["key"], d["view"]) for d in every] == sorted(expected)
     with pytest.raises(ValueError, match="2 view"):
@@ -264,3 +266,91 @@ def test_one_view_or_all_and_flat_export_of_a_view(tmp_path):
     assert info["sequences"] == 5 and info["view"] == 1
     for i in range(5):
         np.testing.assert_array_equal(tokens[offsets[i] : offsets[i + 1]], expected[(f"f/{i:04d}", 1)])
+
+
+def test_token_files_of_different_shapes_are_refused_at_construction(token_dir, tmp_path):
+    """A 64 px and a 128 px run of one model: same codebook, 4x the tokens (issue 26, item 11)."""
+    d, _ = token_dir
+    big = metadata() | {"token_grid": [4, 4], "tokens_per_image": 4 * 4 * GROUPS}
+    tokens = np.random.default_rng(0).integers(0, K, (3, 4 * 4 * GROUPS))
+    table = token_table(["x/0", "x/1", "x/2"], "x", [0, 1, 2], [None] * 3, tokens, K, big)
+    write_atomic(f"{tmp_path}/x.parquet", parquet_bytes(table))
+    with pytest.raises(TokenFileMismatch, match="different token shapes") as info:
+        TokenDataset([d, str(tmp_path)])
+    message = str(info.value)
+    assert "\n" not in message and "32 tokens per image (grid 4x4" in message and "8 tokens" in message
+
+
+def test_a_file_named_twice_is_read_once(token_dir, tmp_path):
+    d, expected = token_dir
+    name = d.rstrip("/").rsplit("/", 1)[1]
+    (tmp_path / "link").symlink_to(d)
+    spellings = [d, f"{d}/../{name}", f"{d}/./", str(tmp_path / "link"), f"file://{d}", f"{d}/a.parquet"]
+    ds = TokenDataset(spellings, shuffle=False, with_meta=True)
+    assert ds.num_rows == len(expected)
+    assert sorted(item["key"] for item in ds) == sorted(expected)  # every row once
+    assert len(list_token_files(spellings)) == 3
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [{"seed": -5}, {"seed": 1.5}, {"shuffle_buffer": -1}, {"offset": -3}, {"bos": -1}, {"eos": "2"},
+     {"shuffle": "yes"}, {"with_meta": 1}, {"missing_label": None}, {"views": -1}, {"views": "mirror"},
+     {"dtype": torch.float32}, {"rank": 0}, {"rank": 2, "world_size": 2}, {"rank": 0, "world_size": 0},
+     {"columns": "txt"}, {"columns": ["width", "width"]}, {"columns": ["tokens"]}],
+)  # fmt: skip
+def test_arguments_are_checked_before_any_file_is_read(arguments, tmp_path):
+    missing = str(tmp_path / "not-there")  # a bad argument is named even before the files are looked at
+    with pytest.raises(ValueError) as info:
+        TokenDataset(missing, **arguments)
+    message = str(info.value)
+    assert "\n" not in message and "no such token file" not in message
+    assert any(k in message for k in arguments) or "rank" in message
+
+
+def test_set_epoch_refuses_what_the_shuffle_cannot_seed(token_dir):
+    ds = TokenDataset(token_dir[0], seed=np.int64(3))  # numpy integers are integers
+    for epoch in (-1, 0.5, "1", True):
+        with pytest.raises(ValueError, match="epoch must be"):
+            ds.set_epoch(epoch)
+    ds.set_epoch(np.int32(2))
+    assert ds.epoch == 2 and len(list(ds)) == sum(ROWS.values())
+
+
+def test_kept_columns_are_yielded_when_asked(tmp_path):
+    """width, height, txt, json (a `--keep txt,json` run with two views) and view, as written; a one-view
+    file without them is refused when they are asked for, and has view 0 (issue 26, item 11)."""
+    import pyarrow as pa
+
+    samples, views = 6, ("center", "center mirrored")
+    meta = metadata() | {"preprocessing": {"views": "flip", "view_names": list(views), "source_size": True,
+                                           "keep": ["txt", "json"]}}  # fmt: skip
+    keys = [f"k/{i}" for i in range(samples) for _ in views]
+    txt = [None if i == 2 else f"caption {i}, café 🐱" for i in range(samples) for _ in views]
+    js = [json.dumps({"i": i}) for i in range(samples) for _ in views]
+    width = [100 + i for i in range(samples) for _ in views]
+    extra = {pa.field("view", pa.int8()): [0, 1] * samples, pa.field("width", pa.int32()): width,
+             pa.field("height", pa.int32()): [w + 7 for w in width], pa.field("txt", pa.string()): txt,
+             pa.field("json", pa.string()): js}  # fmt: skip
+    tokens = np.random.default_rng(1).integers(0, K, (len(keys), LENGTH))
+    index = [i for i in range(samples) for _ in views]
+    write_atomic(f"{tmp_path}/kept/k.parquet", parquet_bytes(token_table(
+        keys, "k", index, [3] * len(keys), tokens, K, meta, extra), row_group_size=5))  # fmt: skip
+    columns = ["txt", "json", "width", "height", "view"]
+    ds = TokenDataset(str(tmp_path / "kept"), shuffle=False, columns=columns)
+    items = list(ds)
+    assert [list(item) for item in items[:1]] == [["tokens", *columns]]
+    want = list(zip(txt, js, width, [w + 7 for w in width], [0, 1] * samples, strict=True))
+    assert [tuple(item[c] for c in columns) for item in items] == want
+    np.testing.assert_array_equal(np.stack([item["tokens"].numpy() for item in items]), tokens)
+    # one view a sample, with_meta and columns together; the tokens still those of that row
+    random = TokenDataset(str(tmp_path / "kept"), seed=2, views="random", with_meta=True, columns=["txt"])
+    for item in random:
+        row = keys.index(item["key"]) + item["view"]
+        assert item["txt"] == txt[row] and item["tokens"].tolist() == tokens[row].tolist()
+    # a file from a run without these columns is refused at construction, naming the column
+    write_tokens(str(tmp_path / "plain"), "p", 4, 0, metadata())
+    with pytest.raises(ValueError, match=r"p.parquet has no \['txt'\] column"):
+        TokenDataset([str(tmp_path / "kept"), str(tmp_path / "plain")], columns=["view", "txt"])
+    plain = TokenDataset(str(tmp_path / "plain"), shuffle=False, columns=["view", "label"], missing_label=-1)
+    assert [(item["view"], item["label"]) for item in plain] == [(0, -1), (0, 1), (0, 2), (0, 0)]

@@ -128,6 +128,19 @@ def test_readme_folder_to_shards_to_tokens_with_labels_views_and_captions(tmp_pa
     item = namespace["item"]
     assert item["view"] in (0, 1) and item["label"] == made["train"][item["key"]][1]
 
+    # test_readme_readers runs the "Reading tokens for training" snippets on files it writes: they are
+    # this layout (folders, columns and their types, views, kept members), so the snippets read what the
+    # README's commands make
+    from test_readme_readers import write_token_dirs
+
+    write_token_dirs(tmp_path / "readers")
+    for name in ("train", "laion"):
+        real = pq.read_schema(next((tmp_path / "tokens" / name).glob("*.parquet")))
+        made_there = pq.read_schema(next((tmp_path / "readers" / "tokens" / name).glob("*.parquet")))
+        assert real.remove_metadata() == made_there.remove_metadata(), name
+        real_pre, there_pre = (json.loads(s.metadata[b"gq"])["preprocessing"] for s in (real, made_there))
+        assert {k: real_pre[k] for k in there_pre} == there_pre, name
+
     # resuming tokens/train with other views or kept members is refused: one line, exit 2
     for change in (["--views", "flip", "--keep", "txt"],):
         argv = [sys.executable, str(REPO / "jobs/tokenize.py"), "--input", "shards/train", "--output",

@@ -14,7 +14,9 @@ from PIL import Image
 from shardmaker import jpeg_bytes, photo_like, real_jpegs
 
 import gq
-from pipeline.data.extras import INVALID_JSON, INVALID_UTF8
+from pipeline.data import extras
+from pipeline.data.decode import BAD_LABEL
+from pipeline.data.extras import INVALID_JSON, INVALID_UTF8, UNREADABLE
 from pipeline.pack.shard_writer import write_shard
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 from pipeline.tokens.records import check_run
@@ -64,6 +66,92 @@ def test_captions_and_json_round_trip_through_duckdb_and_polars(tmp_path, small_
     assert notes == {("laion/00005", INVALID_UTF8), ("laion/00003", INVALID_JSON)}
     meta = json.loads(pq.read_schema(tmp_path / "out" / "laion-000000.parquet").metadata[b"gq"])
     assert meta["preprocessing"]["keep"] == ["txt", "json"]
+
+
+# One kept member of each kind of failure reading one can raise (issue 26, item 10); the good samples
+# around them must become rows of a committed shard. (json text, txt bytes, cls bytes, expected note)
+PLANTED = {
+    "deep": (b"[" * 100_000 + b"]" * 100_000, b"ok", b"1", INVALID_JSON),  # RecursionError
+    "digits": (b"9" * 5000, b"ok", b"2", INVALID_JSON),  # ValueError: int conversion limit
+    "bom": (b"\xef\xbb\xbf{}", b"ok", b"3", INVALID_JSON),  # JSONDecodeError: a BOM before the text
+    "syntax": (b'{"a": ', b"ok", b"4", INVALID_JSON),  # JSONDecodeError
+    "utf8": (b'"\xc3("', b"\xff\xfe", b"5", INVALID_UTF8),  # UnicodeDecodeError, in .json and .txt
+    "memory": (b'"planted"', b"ok", b"6", UNREADABLE),  # MemoryError (planted through json.loads below)
+    "label": (b"{}", b"ok", b"1" * 20, BAD_LABEL),  # a .cls beyond int64: OverflowError at write time
+}
+
+
+def test_every_failure_of_a_kept_member_is_its_note_and_the_shard_is_committed(
+    tmp_path, small_checkpoint, monkeypatch
+):
+    real_loads = json.loads
+
+    def loads(text, *args, **kwargs):
+        if text == '"planted"':
+            raise MemoryError("planted")
+        return real_loads(text, *args, **kwargs)
+
+    monkeypatch.setattr(extras.json, "loads", loads)
+    samples = [{"__key__": "good0", "jpg": jpeg_bytes(photo_like(0, 80, 96)), "json": b"{}", "txt": b"a"}]
+    for i, (key, (js, txt, cls, _)) in enumerate(PLANTED.items()):
+        samples.append({"__key__": key, "jpg": jpeg_bytes(photo_like(i + 1, 80, 96)), "json": js, "txt": txt,
+                        "cls": cls})  # fmt: skip
+    samples.append(
+        {"__key__": "good1", "jpg": jpeg_bytes(photo_like(9, 96, 80)), "json": b"[1]", "cls": b"7"}
+    )
+    write_shard(str(tmp_path / "bad-000000.tar"), samples)
+    worker = ShardTokenizer(
+        small_checkpoint, TokenizeOptions(image_size=SIZE, batch_size=4, keep=("txt", "json"))
+    )
+    record = worker.process(str(tmp_path / "bad-000000.tar"), str(tmp_path / "out"))
+
+    assert record["rows"] == len(samples) and not record["skipped"]  # every sample a row
+    table = pq.read_table(tmp_path / "out" / "bad-000000.parquet")
+    rows = {
+        k: (j, t, c) for k, j, t, c in zip(*(table[c].to_pylist() for c in ("key", "json", "txt", "label")))
+    }
+    assert rows["good0"] == ("{}", "a", None) and rows["good1"] == ("[1]", None, 7)
+    for key, (js, txt, cls, reason) in PLANTED.items():
+        want_json = None if reason in (INVALID_JSON, UNREADABLE) or key == "utf8" else js.decode()
+        want_txt = None if key == "utf8" else txt.decode()
+        want_label = None if reason == BAD_LABEL else int(cls)
+        assert rows[key] == (want_json, want_txt, want_label), key
+    notes = sorted((n["key"], n["reason"]) for n in record["notes"])
+    want = [(k, r) for k, (*_, r) in PLANTED.items()] + [("utf8", INVALID_UTF8)]  # its .txt too
+    assert notes == sorted(want)
+    details = {n["key"]: n["detail"] for n in record["notes"]}
+    assert details["deep"].startswith(".json: RecursionError") and "MemoryError" in details["memory"]
+    assert all(len(d) < 250 for d in details.values())
+
+
+def test_a_member_name_that_is_not_utf8_becomes_an_escaped_key_and_the_shard_is_committed(
+    tmp_path, small_checkpoint
+):
+    """A tar member named with non-UTF-8 bytes (a Latin-1 file name): its key was a string with lone
+    surrogates, which Parquet cannot write, so the whole shard failed on every retry."""
+    import tarfile
+
+    path = tmp_path / "names-000000.tar"
+    members = [
+        (b"good.jpg", jpeg_bytes(photo_like(0, 80, 96))),
+        (b"caf\xe9.jpg", jpeg_bytes(photo_like(1, 80, 96))),
+        (b"caf\xe9.txt", "crème".encode()),
+    ]
+    with tarfile.open(
+        path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape"
+    ) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    worker = ShardTokenizer(small_checkpoint, TokenizeOptions(image_size=SIZE, keep=("txt",)))
+    record = worker.process(str(path), str(tmp_path / "out"))
+    assert record["rows"] == 2 and not record["skipped"]
+    table = pq.read_table(tmp_path / "out" / "names-000000.parquet")
+    assert table.select(["key", "txt"]).to_pylist() == [
+        {"key": "good", "txt": None},
+        {"key": "caf\\xe9", "txt": "crème"},  # the byte 0xE9 written out, the file traceable
+    ]
 
 
 def test_run_record_pins_keep_and_views_and_old_records_imply_none():

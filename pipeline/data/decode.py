@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.data.extras import INVALID_JSON, INVALID_UTF8
+from pipeline.data.extras import INVALID_JSON, INVALID_UTF8, UNREADABLE
 from pipeline.data.preprocess import preprocess, random_crop_flip
 from pipeline.data.samples import (
     DEFAULT_MAX_MEMBER_BYTES,
@@ -53,14 +53,15 @@ REASONS = (
     MEMBER_TOO_LARGE,
 )
 EXTRA_IMAGE = "extra image member"  # a second image member (.jpg and .png): the preferred one is used
-BAD_LABEL = "unparsable label"  # a .cls that is not an integer: the row's label is null
+BAD_LABEL = "unparsable label"  # a .cls that is not an int64 integer: the row's label is null
 NOTES = (
     LINK_MEMBER,
     EXTRA_IMAGE,
     BAD_LABEL,
     INVALID_UTF8,
     INVALID_JSON,
-)  # the last two: pipeline/data/extras.py
+    UNREADABLE,
+)  # the last three: pipeline/data/extras.py
 
 # Extensions taken as the image member without looking at content, in order of preference.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "image", "gif", "bmp", "tif", "tiff")
@@ -226,13 +227,15 @@ def find_image(members: dict[str, bytes]) -> tuple[str, bytes]:
 
 
 def label_of(members: dict[str, bytes]) -> int | None:
-    """The integer class in the `.cls` member (ASCII, whitespace ignored); None when absent or unparsable."""
+    """The integer class in the `.cls` member (ASCII, whitespace ignored); None when absent, unparsable or
+    outside int64 (the label column's type: a larger one would fail the whole shard's write)."""
     for ext, data in members.items():
         if ext.lower() == "cls":
             try:
-                return int(data.decode("ascii").strip())
+                label = int(data.decode("ascii").strip())
             except (UnicodeDecodeError, ValueError):
                 return None
+            return label if -(2**63) <= label < 2**63 else None
     return None
 
 

@@ -2,7 +2,8 @@
 
 `.txt` (any extension ending in "txt" or "text") becomes a UTF-8 string, `.json` a string holding the JSON
 text as it is (checked to parse), any other extension its bytes. A member that is absent gives null; one
-that is not valid UTF-8 or not valid JSON gives null and a note on the row (NOTES in decode.py).
+that is not valid UTF-8 or not valid JSON (or anything else its reading raises) gives null and a note on
+the row (NOTES in decode.py), never a failed shard.
 Extensions match in any case (".TXT" is kept as "txt").
 """
 
@@ -16,7 +17,9 @@ from pipeline.data.samples import Note
 
 # Notes on a row whose kept member could not be kept (the row stays, the column is null).
 INVALID_UTF8 = "invalid UTF-8"
-INVALID_JSON = "invalid JSON"
+INVALID_JSON = "invalid JSON"  # also a JSON text nested too deep or with a number too long to parse
+UNREADABLE = "unreadable member"  # anything else reading a kept member raised (MemoryError, ...)
+_DETAIL = 200  # longest exception text kept in a note
 # Column names a kept extension cannot take.
 RESERVED = ("key", "shard", "index", "label", "tokens", "view", "width", "height")
 
@@ -45,7 +48,10 @@ def kind(ext: str) -> str:
 
 
 def extra_values(members: dict[str, bytes], keep: tuple[str, ...]) -> tuple[dict, list[Note]]:
-    """The kept members' column values (ext -> str / bytes / None) and notes for those set to null."""
+    """The kept members' column values (ext -> str / bytes / None) and notes for those set to null.
+
+    Nothing a member holds can fail the shard: whatever reading one raises (a JSON nested 100,000 deep
+    raises RecursionError, a 5,000-digit JSON number ValueError, ...) makes that column null with a note."""
     by_lower = {}
     for ext, data in members.items():
         by_lower.setdefault(ext.lower(), data)
@@ -56,19 +62,31 @@ def extra_values(members: dict[str, bytes], keep: tuple[str, ...]) -> tuple[dict
         values[ext] = None
         if data is None:
             continue
-        if kind(ext) == "bytes":
-            values[ext] = data
-            continue
         try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            notes.append(Note(INVALID_UTF8, f".{ext}: {e}"))
-            continue
-        if kind(ext) == "json":
-            try:
-                json.loads(text)
-            except ValueError as e:
-                notes.append(Note(INVALID_JSON, f".{ext}: {e}"))
-                continue
-        values[ext] = text
+            values[ext] = member_value(ext, data)
+        except Exception as e:  # the member's own fault, whatever it is: a note, never the shard's failure
+            notes.append(Note(_reason(e), _detail(ext, e)))
     return values, notes
+
+
+def member_value(ext: str, data: bytes) -> str | bytes:
+    """A kept member's column value; raises what its content makes the UTF-8 or JSON reader raise."""
+    if kind(ext) == "bytes":
+        return data
+    text = data.decode("utf-8")
+    if kind(ext) == "json":
+        json.loads(text)
+    return text
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, UnicodeDecodeError):
+        return INVALID_UTF8
+    if isinstance(error, (ValueError, RecursionError)):  # JSONDecodeError, too many digits, too deep
+        return INVALID_JSON
+    return UNREADABLE
+
+
+def _detail(ext: str, error: Exception) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return f".{ext}: {text if len(text) <= _DETAIL else text[: _DETAIL - 3] + '...'}"

@@ -175,6 +175,12 @@ def _finish(group: Sample, first_index: int) -> Sample | Skip:
     return group
 
 
+def readable(name: str) -> str:
+    """A member name as valid UTF-8 text: bytes that are not UTF-8 (read as surrogates) become `\\xNN`
+    escapes, so that the key can be written (a lone surrogate fails the shard's Parquet and JSON writes)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _split_name(name: str) -> tuple[str, str] | None:
     """(key, extension) of a member path by the WebDataset rule, or None for a member to ignore."""
     if name.endswith("/"):
@@ -243,7 +249,7 @@ class _TarReader:
             size = info.size
             if info.type in _REGULAR and "size" in pax:
                 size = int(pax["size"]) if pax["size"].isdigit() else -1
-            name = pax.get("path") or long_name or info.name
+            name = readable(pax.get("path") or long_name or info.name)
             if size < 0:
                 self.error = f"corrupt tar header at byte {header_offset} (size {size})"
                 return

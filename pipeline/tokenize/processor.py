@@ -33,6 +33,11 @@ from pipeline.tokens.records import CommitRecord, Provenance, token_url, write_m
 from pipeline.tokens.writer import parquet_bytes, token_table
 
 ENCODER_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+# Precisions whose tokens depend on which images share an encoder batch: bf16 kernels block their
+# reductions by batch (on the AVX512-BF16 dev CPU 16 of 80 images had a token differ between batches of 5
+# and 10, 0.23% of the tokens; float32 2 tokens of 81,920: benchmarks/batch_invariance.py). Their batch
+# size is recorded in the preprocessing, so a resume cannot mix batch compositions either.
+BATCH_DEPENDENT = ("bfloat16",)
 JPEG_DECODERS = ("pil", "pil-draft", "nvjpeg")
 
 
@@ -42,7 +47,7 @@ class TokenizeOptions:
 
     image_size: int = 256  # shorter side resized to this (antialiased), then center-cropped square
     limits: DecodeLimits = field(default_factory=DecodeLimits)  # skip rules: min side, aspect, pixels
-    batch_size: int = 32  # images per forward pass
+    batch_size: int = 32  # images per forward pass; pinned with a bfloat16 encoder (BATCH_DEPENDENT)
     # Decoding threads per processor. A CPU actor's model already uses every core it has, so one thread
     # (decode overlapping encode) is enough there; a GPU actor wants as many as it has CPUs.
     decode_threads: int = 1
@@ -72,7 +77,8 @@ class TokenizeOptions:
             raise ValueError(f"jpeg_decoder must be one of {JPEG_DECODERS}, got {self.jpeg_decoder!r}")
 
     def preprocessing(self) -> dict:
-        """The preprocessing as recorded in token files and run records."""
+        """The preprocessing as recorded in token files and run records; with a bfloat16 encoder also the
+        batch size: an image's bf16 tokens depend on the images sharing its batch (BATCH_DEPENDENT)."""
         resize = "shorter side to image_size, PIL bicubic (antialiased)"
         if self.jpeg_decoder == "pil-draft":
             draft = f"JPEGs decoded at 1/2-1/8 scale (shorter side >= {DRAFT_MARGIN}x image_size)"
@@ -89,7 +95,13 @@ class TokenizeOptions:
             "image_size": self.image_size,
             "input": "uint8 RGB; alpha composited on white; EXIF orientation applied",
             **asdict(self.limits),
-        }
+        } | batch_record(self.encoder_precision, self.batch_size)
+
+
+def batch_record(precision: str, batch_size: int) -> dict:
+    """{"batch_size": n} where `precision` makes tokens depend on the batch (pinned like the rest), else
+    {}."""
+    return {"batch_size": batch_size} if precision in BATCH_DEPENDENT else {}
 
 
 @dataclass

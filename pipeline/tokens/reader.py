@@ -23,7 +23,13 @@ differ by up to one row group, so ranks may see different numbers of batches: ca
 `ds.num_rows // (world_size * batch_size)`) where every rank must take the same number of steps. Call
 `set_epoch` before each epoch; with `persistent_workers=True` the workers keep the epoch they were started
 with, so leave that option off. `with_meta=True` yields dicts {"tokens", "key", "label", "shard", "index",
-"view"} (missing labels become `missing_label`); the default collate batches those too.
+"view"} (missing labels become `missing_label`); the default collate batches those too. `columns=["txt",
+"json", "width", "height", "view"]` (any of them, or of key, label, shard, index) adds those columns to
+the dicts: kept members are strings, None where the member was absent or invalid (the default collate
+refuses None: pass `collate_fn=list` or your own), width and height ints, view 0 in one-view files. A
+column that some file lacks (a run without `--keep txt`) is refused at construction, as are files whose
+token shapes differ (64 px and 128 px runs) and bad arguments; a file named twice (`d`, `d/../d`, a
+link) is read once.
 
 Files tokenized with several views (`--views flip|tencrop`: rows of a sample adjacent, a `view` column)
 are read with `views=`: "all" every row; an int, that view only; "random", one view of each sample per
@@ -52,10 +58,15 @@ from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data.views import VIEW_SETS
+from pipeline.tokens.dataset_checks import (
+    META_COLUMNS,
+    TOKENS,
+    check_arguments,
+    check_columns,
+    check_epoch,
+    unique_files,
+)
 from pipeline.tokens.writer import METADATA_KEY
-
-TOKENS = "tokens"
-META_COLUMNS = ("key", "label", "shard", "index")
 
 
 class TokenFileMismatch(ValueError):
@@ -90,7 +101,8 @@ class TokenFile:
 
 def list_token_files(source: str | Sequence[str]) -> list[str]:
     """Token file URLs named by `source`: a directory (its `*.parquet`, not those starting with "." or "_"),
-    a glob, a single file, or a list of any of these; each entry sorted, duplicates dropped, order kept.
+    a glob, a single file, or a list of any of these; each entry sorted, order kept, a file named twice
+    (`d` and `d/../d`, a link to it, `file://d`) read once (`resolved`).
     Local paths stay paths, URLs keep their protocol. Raises ValueError when nothing matches."""
     entries = [source] if isinstance(source, str) else list(source)
     urls: list[str] = []
@@ -107,7 +119,7 @@ def list_token_files(source: str | Sequence[str]) -> list[str]:
             raise ValueError(f"no such token file or directory: {entry!r}")
         local = isinstance(fs, LocalFileSystem) and "://" not in entry
         urls.extend(p if local else fs.unstrip_protocol(p) for p in sorted(found))
-    urls = list(dict.fromkeys(urls))
+    urls = unique_files(urls)
     if not urls:
         raise ValueError(f"no token files (*.parquet) in {source!r}")
     return urls
@@ -143,6 +155,30 @@ def check_same_codebook(files: Sequence[TokenFile]) -> dict:
                 f"{first.url} has {str(want)[:16]}...; tokens of different codebooks cannot be mixed"
             )
     return first.metadata
+
+
+def token_shape(meta: dict) -> tuple:
+    """What fixes a file's sequences: tokens per image, the token grid and the groups per position."""
+    return (meta.get("tokens_per_image"), tuple(meta.get("token_grid") or ()), meta.get("groups"))
+
+
+def check_same_shape(files: Sequence[TokenFile]) -> None:
+    """TokenFileMismatch (one line) naming two files whose token shapes differ (a 64 px and a 128 px run):
+    their sequences have different lengths, so no batch could hold both."""
+    first = files[0]
+    want = token_shape(first.metadata)
+    for f in files[1:]:
+        got = token_shape(f.metadata)
+        if got != want:
+            raise TokenFileMismatch(
+                f"token files of different token shapes: {f.url} has {_shape_text(got)}, {first.url} has "
+                f"{_shape_text(want)}; read them with separate datasets"
+            )
+
+
+def _shape_text(shape: tuple) -> str:
+    n, grid, groups = shape
+    return f"{n} tokens per image (grid {'x'.join(map(str, grid)) or '?'}, {groups} group(s))"
 
 
 def units_of(files: Sequence[TokenFile]) -> list[WorkUnit]:
@@ -198,25 +234,26 @@ class TokenDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         views: str | int = "all",
+        columns: Sequence[str] = (),
     ) -> None:
         super().__init__()
-        if views not in ("all", "random") and not (isinstance(views, int) and views >= 0):
-            raise ValueError(f'views must be "all", "random" or a view number >= 0, got {views!r}')
-        if dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"dtype must be torch.int64 or torch.int32, got {dtype}")
-        if (rank is None) != (world_size is None):
-            raise ValueError("give both rank and world_size, or neither")
+        columns = check_arguments(
+            seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, offset=offset, bos=bos, eos=eos,
+            dtype=dtype, with_meta=with_meta, missing_label=missing_label, rank=rank, world_size=world_size,
+            views=views, columns=columns,
+        )  # fmt: skip
         if rank is None:
             distributed = dist.is_available() and dist.is_initialized()
             rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
-        if offset < 0 or shuffle_buffer < 0:
-            raise ValueError("offset and shuffle_buffer must be >= 0")
         self.files = [open_token_file(u) for u in list_token_files(source)]
         self.metadata = check_same_codebook(self.files)
+        check_same_shape(self.files)
+        check_columns(self.files, columns)
+        self.columns = columns
         self.units = units_of(self.files)
-        self.views = views
+        self.views = views = views if isinstance(views, str) else int(views)  # a numpy integer too
         self._views_of = {f.url: f.views for f in self.files}
         if isinstance(views, int) and views >= min(f.views for f in self.files):
             f = min(self.files, key=lambda f: f.views)
@@ -250,7 +287,7 @@ class TokenDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order of `epoch` (call before iterating; DataLoader workers copy the dataset then)."""
-        self.epoch = int(epoch)
+        self.epoch = check_epoch(epoch)
 
     def units_for(self, worker: int = 0, num_workers: int = 1) -> list[int]:
         """Indices into `units` that this rank's DataLoader worker `worker` of `num_workers` reads this epoch,
@@ -277,31 +314,44 @@ class TokenDataset(IterableDataset):
         for u in self.units_for(worker, num_workers):
             unit = self.units[u]
             views = self._views_of[unit.url]
-            columns = [TOKENS, *META_COLUMNS] if self.with_meta else [TOKENS]
-            if views > 1:
-                columns += ["view"] + [c for c in ("shard", "index") if c not in columns]
-            table = read_unit(unit, columns)
+            table = read_unit(unit, self._read_columns(views))
             rows = self._selected(table, views)
             tokens = self._sequences(tokens_array(table.column(TOKENS))[rows])
             order = range(len(tokens))
             if self.shuffle:
                 order = np.random.default_rng([self.seed, self.epoch, u]).permutation(len(tokens))
-            if not self.with_meta:
+            if not self.with_meta and not self.columns:
                 for i in order:
                     yield tokens[i].clone()
                 continue
-            meta = {c: table.column(c).take(pa.array(rows)).to_pylist() for c in META_COLUMNS}
-            view = table.column("view").take(pa.array(rows)).to_pylist() if views > 1 else [0] * len(rows)
+            values = self._row_values(table, rows, views)
             for i in order:
-                label = meta["label"][i]
-                yield {
-                    "tokens": tokens[i].clone(),
-                    "key": meta["key"][i],
-                    "label": self.missing_label if label is None else label,
-                    "shard": meta["shard"][i],
-                    "index": meta["index"][i],
-                    "view": view[i],
-                }
+                yield {"tokens": tokens[i].clone(), **{c: v[i] for c, v in values.items()}}
+
+    def _item_columns(self) -> tuple[str, ...]:
+        """The columns of each dict item after `tokens`: with_meta's, then `columns` asked for."""
+        meta = (*META_COLUMNS, "view") if self.with_meta else ()
+        return (*meta, *(c for c in self.columns if c not in meta))
+
+    def _read_columns(self, views: int) -> list[str]:
+        """The columns read from a unit: tokens, the items' columns, and what `views` selection needs."""
+        wanted = [c for c in self._item_columns() if views > 1 or c != "view"]
+        if views > 1:
+            wanted += ["view", "shard", "index"]
+        return [TOKENS, *dict.fromkeys(wanted)]
+
+    def _row_values(self, table: pa.Table, rows: np.ndarray, views: int) -> dict[str, list]:
+        """Each item column's values for the selected rows (view 0 in one-view files; a missing label
+        becomes `missing_label`)."""
+        values = {}
+        for c in self._item_columns():
+            if c == "view" and views == 1:
+                values[c] = [0] * len(rows)
+                continue
+            values[c] = table.column(c).take(pa.array(rows)).to_pylist()
+            if c == "label":
+                values[c] = [self.missing_label if v is None else v for v in values[c]]
+        return values
 
     def _selected(self, table: pa.Table, views: int) -> np.ndarray:
         """The rows of a unit this dataset yields (see `views` in the module doc)."""

@@ -30,6 +30,7 @@ IDENTITY_FIELDS = ("model_sha256", "codebook_fingerprint", "quantizer", "image_s
 # members over 64 MiB, so an older directory resumes under the default instead of being refused. keep,
 # views: older runs kept no members and tokenized the center crop only. source_size: older token files have
 # no width and height columns (jobs/tokenize.py resumes such a directory without them, so its files agree).
+# batch_size (recorded with a bfloat16 encoder only) is implied by an older record's settings.batch_size.
 ADDED_PREPROCESSING = {
     "max_member_bytes": DEFAULT_MAX_MEMBER_BYTES,
     "keep": [],
@@ -170,6 +171,8 @@ def check_run(previous: dict | None, current: dict) -> None:
     before, now = previous.get("preprocessing"), current.get("preprocessing")
     if isinstance(before, dict) and isinstance(now, dict):  # an older record: what its absent keys implied
         implied = {k: v for k, v in ADDED_PREPROCESSING.items() if k in now and k not in before}
+        if "batch_size" in now and "batch_size" not in before:  # a bf16 run from before it was recorded
+            implied["batch_size"] = (previous.get("settings") or {}).get("batch_size")
         previous = previous | {"preprocessing": before | implied}
     diffs = [f for f in IDENTITY_FIELDS if previous.get(f) != current.get(f)]
     if diffs:
