@@ -148,20 +148,26 @@ def test_bad_input_is_a_one_line_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no config.json" in _one_line_error(_convert("--vae", str(empty), "--output", out))
+    error = _one_line_error(_convert("--vae", good, "--group-dim", "3", "--output", out))
+    assert "group_dim 3 does not divide" in error
+    assert not Path(out).exists()
+    # the same errors in-process (each is the one line the job prints)
     for other in ("AutoencoderTiny", "AutoencoderKLQwenImage"):
         wrong = tmp_path / other
         wrong.mkdir()
         (wrong / "config.json").write_text(json.dumps({"_class_name": other, "latent_channels": 4}))
-        assert other in _one_line_error(_convert("--vae", str(wrong), "--output", out))
-    error = _one_line_error(_convert("--vae", good, "--group-dim", "3", "--output", out))
-    assert "group_dim 3 does not divide" in error
+        with pytest.raises(CheckpointError, match=f"_class_name is '{other}'; this version converts only"):
+            from_diffusers(str(wrong))
     cut = tmp_path / "cut"
     cut.mkdir()
     (cut / "config.json").write_text((Path(good) / "config.json").read_text())
     data = (Path(good) / "diffusion_pytorch_model.safetensors").read_bytes()
     (cut / "diffusion_pytorch_model.safetensors").write_bytes(data[: len(data) // 2])
-    assert "truncated" in _one_line_error(_convert("--vae", str(cut), "--output", out))
-    assert not Path(out).exists()
+    with pytest.raises(CheckpointError, match="damaged or truncated safetensors"):
+        from_diffusers(str(cut))
+    (cut / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no diffusion_pytorch_model.safetensors"):
+        from_diffusers(str(cut))
 
 
 def test_a_network_of_another_shape_names_the_tensor(tmp_path):
