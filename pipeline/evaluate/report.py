@@ -138,7 +138,7 @@ def build_report(run: EvalRun, model: gq.GQVAE, checkpoint: str, settings: EvalS
     else:
         report["images"] = 0
     report["plots"] = dict(PLOTS)
-    return _finite(report)
+    return finite(report)
 
 
 def write_report(output: str, report: dict, run: EvalRun) -> list[str]:
@@ -226,12 +226,12 @@ def format_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _finite(value):
+def finite(value):
     """JSON has no NaN or infinity: they become null."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
