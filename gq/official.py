@@ -379,6 +379,8 @@ def to_official_config(model: GQVAE, resolution: int | None = None) -> dict:
     converted model's own, else 256)."""
     c = model.config
     q, net = c.quantizer, c.network
+    if c.calibration is not None:
+        raise CheckpointError("the official code has no calibrated prior (this model has a calibration)")
     if q.codebook.kind != "sobol":
         raise CheckpointError("the official code builds only Sobol codebooks (codebook kind 'iid')")
     if q.rule != "posterior":

@@ -108,6 +108,16 @@ def test_audit_job_writes_json_markdown_and_plots(tmp_path):
     assert report["recommendation"] and report["recommendation"] in (out / "audit.md").read_text()
     for name in ("kl_per_channel", "mean_per_channel", "var_per_channel", "code_usage"):
         assert (out / f"audit_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    evaluated = tmp_path / "eval"  # jobs/evaluate.py --audit: the same audit of the same images
+    done = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--checkpoint", str(DEMO), "--data", str(PHOTOS),
+         "--output", str(evaluated), "--limit", "2", "--image-size", "32", "--audit", "--no-progress"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    again = json.loads((evaluated / "audit.json").read_text())
+    assert again["per_channel"] == report["per_channel"] and (evaluated / "report.json").exists()
+    assert again["operating_points"][0] == report["operating_points"][0]  # the model's own point
     bad = subprocess.run([*run, "--checkpoint", str(tmp_path / "none"), "--input", str(PHOTOS), "--output",
                           str(out)], capture_output=True, text=True, cwd=REPO, timeout=600)  # fmt: skip
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -1,5 +1,6 @@
 """The affine prior: measured from data, stored in checkpoints, applied before the search and the decoder."""
 
+import dataclasses
 import io
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from shardmaker import make_shard
 
 import gq
 from gq.calibration import AggregateMoments, Calibration, denormalize, normalize
+from gq.checkpoint import checkpoint_bytes, load_bytes
 from gq.diffusers_vae import from_diffusers
 from pipeline.data.preprocess import preprocess
 
@@ -156,3 +158,19 @@ def test_calibrated_conversion_round_trips_through_load_and_the_tokenize_job(tmp
     tokens = loaded.tokenize(torch.from_numpy(x))
     got = np.stack(table["tokens"].to_pylist()).reshape(tokens.shape)
     np.testing.assert_array_equal(got, tokens.numpy())
+
+
+def test_calibration_round_trips_through_a_checkpoint_and_the_official_export_refuses_it():
+    config = gq.model_config("small-f8c16", 0.25)
+    network = dataclasses.replace(config.network, mid_attention=False)  # an official-shaped network
+    cal = Calibration(tuple(SHIFT.tolist()) * 4, tuple(SCALE.tolist()) * 4, images=7)
+    model = gq.GQVAE(dataclasses.replace(config, network=network, calibration=cal))
+    back = load_bytes(checkpoint_bytes(model))
+    assert back.config.calibration == cal and back.config == model.config
+    x = images(2, 32)
+    assert torch.equal(back.tokenize(x), model.tokenize(x))
+    with pytest.raises(gq.CheckpointError, match="no calibrated prior"):
+        gq.to_official_config(model)
+    quant = gq.GQVAE(dataclasses.replace(config, network=dataclasses.replace(network, quant_conv=True)))
+    with pytest.raises(gq.CheckpointError, match="no quant_conv"):
+        gq.to_official_config(quant)

@@ -91,13 +91,17 @@ def evaluate_shards(
     shards: list[str],
     settings: EvalSettings,
     progress: Callable[[Iterator[str]], Iterator[str]] = iter,
+    also: Callable[[torch.Tensor], None] | None = None,
 ) -> EvalRun:
     """Score every decodable image of `shards` (up to `settings.limit`) with `gq.evaluation.Evaluator`
-    (`image_batches`). A shard that cannot be opened or read is recorded as unreadable and the next read."""
+    (`image_batches`), each batch also given to `also` (e.g. the readiness audit's update). A shard that
+    cannot be opened or read is recorded as unreadable and the next read."""
     t0 = time.perf_counter()
     run = EvalRun(Evaluator(model, rule=settings.rule, examples=settings.examples), list(shards))
     for batch in image_batches(shards, settings, partial(record_skip, run), progress):
         run.evaluator.update(batch)
+        if also is not None:
+            also(batch)
     run.seconds = time.perf_counter() - t0
     return run
 
