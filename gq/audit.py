@@ -190,7 +190,8 @@ def recommendation(r: dict) -> str:
     if off and not r["calibrated"]:
         words.append(
             f"{len(off)} of {len(r['per_channel'])} channels' aggregate posterior is far from N(0, 1) "
-            "(|mean| > 0.5 or variance outside [0.5, 2]): convert with --calibrate."
+            "(|mean| > 0.5 or variance outside [0.5, 2]): calibrate it (jobs/convert.py calibrate, or "
+            "from-diffusers --calibrate)."
         )
     share = own["predicted_share_above_log2k"]
     if share <= READY_SHARE and own["drop_db"] <= READY_DROP_DB:

@@ -148,6 +148,11 @@ def test_calibrated_conversion_round_trips_through_load_and_the_tokenize_job(tmp
     assert loaded.config.calibration.images == 5 and loaded.provenance["calibration"]["images"] == 5
     np.testing.assert_allclose(loaded.config.calibration.shift, expected.shift, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(loaded.config.calibration.scale, expected.scale, rtol=1e-5)
+    again = tmp_path / "again.safetensors"  # recalibrating measures the raw posterior: the same prior
+    done = _run("convert.py", "calibrate", "--checkpoint", str(out), "--calibrate", str(shard),
+                "--calibrate-images", "5", "--image-size", "64", "--output", str(again))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(gq.load(str(again)).config.calibration.scale, expected.scale, rtol=1e-5)
     tokens_dir = tmp_path / "tokens"
     done = _run("tokenize.py", "--input", str(shard), "--output", str(tokens_dir), "--checkpoint", str(out),
                 "--image-size", "64", "--batch-size", "3", "--no-progress",
