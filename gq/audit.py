@@ -33,6 +33,7 @@ READY_SHARE = (
     0.05  # at most this share of groups above log2 K: the theorem's condition holds nearly everywhere
 )
 READY_DROP_DB = 1.0  # and GQ costs at most this much PSNR
+UNUSED_BITS = 4.0  # a mean group KL this far below log2 K leaves most of each token's rate unused
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,14 @@ def recommendation(r: dict) -> str:
     share = own["predicted_share_above_log2k"]
     if share <= READY_SHARE and own["drop_db"] <= READY_DROP_DB:
         words.append(
-            f"Ready at {where}: {share:.1%} of groups above log2 K, GQ costs {own['drop_db']:.2f} dB."
+            f"Ready at {where}: {share:.1%} of groups above log2 K, GQ costs {own['drop_db']:.2f} dB "
+            f"(the continuous VAE: {own['psnr_continuous_db']:.2f} dB)."
         )
+        if own["mean_group_kl_bits"] < own["codebook_bits"] - UNUSED_BITS:
+            words.append(
+                f"But a group carries {own['mean_group_kl_bits']:.2f} bits on average of the "
+                f"{own['codebook_bits']} a token holds: a smaller K or a larger d would waste less rate."
+            )
         return " ".join(words)
     fits = [
         p
