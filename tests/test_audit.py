@@ -92,6 +92,7 @@ def test_prediction_moves_with_the_measured_drop(demo):
     assert drops[0] > drops[1] > drops[2] and drops[0] > 1.0
 
 
+@pytest.mark.slow
 def test_audit_job_writes_json_markdown_and_plots(tmp_path):
     out = tmp_path / "audit"
     run = [sys.executable, str(REPO / "jobs" / "audit.py")]

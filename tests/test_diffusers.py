@@ -27,7 +27,11 @@ VAES = {  # name -> AutoencoderKL config: SD-like (4 ch, quant convs), SD3/FLUX-
                              layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False,
                              mid_block_add_attention=False),
 }  # fmt: skip
-OPERATING = {"sd": {}, "flux": {"group_dim": 4, "codebook_bits": 10}, "flux-no-mid-attn": {"group_dim": 8}}
+OPERATING = {
+    "sd": {},
+    "flux": {"group_dim": 4, "codebook_bits": 10},
+    "flux-no-mid-attn": {"group_dim": 8, "codebook_bits": 12},
+}
 
 
 def make_vae(config: dict, seed: int = 0):
