@@ -3,8 +3,10 @@
 Paper: "Vector Quantization using Gaussian Variational Autoencoder", Xu et al., arXiv 2512.06609.
 """
 
+from gq.calibration import Calibration
 from gq.checkpoint import CheckpointError, describe, load, save
 from gq.codebook import CodebookSpec, GaussianCodebook
+from gq.diffusers_vae import from_diffusers
 from gq.layout import LAYOUTS, merge_groups, split_groups
 from gq.model import GQVAE, ModelConfig, ModelIdentity
 from gq.networks import NetworkConfig
@@ -16,11 +18,13 @@ from gq.version import __version__  # noqa: F401 (gq.__version__)
 
 __all__ = [
     "GQVAE",
+    "Calibration",
     "LAYOUTS",
     "OPERATING_POINTS",
     "PRESETS",
     "CheckpointError",
     "describe",
+    "from_diffusers",
     "from_official",
     "save_official",
     "to_official_config",

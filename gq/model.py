@@ -6,11 +6,12 @@ VAE); `forward` is the training pass (decode of the reparameterised sample, plus
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from gq.calibration import Calibration, denormalize, normalize
 from gq.networks import Decoder, Encoder, NetworkConfig
 from gq.quantizer import GaussianQuantizer, QuantizerConfig, clamp_logvar
 from gq.tdc import KLStats, TargetDivergenceConstraint, TDCConfig
@@ -27,10 +28,15 @@ class ModelConfig:
     tdc: TDCConfig  # the KL term used in training (TDC or the plain-KL ablation)
     preset: str = ""  # the PRESETS name the network came from ("" for a custom one), for people reading
     version: int = CONFIG_VERSION  # bumped when a saved config needs upgrading to be built
+    calibration: Calibration | None = None  # an affine prior N(shift, scale^2) per channel (None: N(0, 1))
 
     def __post_init__(self) -> None:
         if self.tdc.groups != self.quantizer.groups or self.tdc.layout != self.quantizer.layout:
             raise ValueError("the TDC groups/layout must equal the quantizer's")
+        if self.calibration is not None and self.calibration.channels != self.latent_channels:
+            raise ValueError(
+                f"calibration has {self.calibration.channels} channels, the latent {self.latent_channels}"
+            )
 
     @property
     def latent_channels(self) -> int:
@@ -43,7 +49,7 @@ class ModelConfig:
             "network": self.network.to_dict(),
             "quantizer": self.quantizer.to_dict(),
             "tdc": self.tdc.to_dict(),
-        }
+        } | ({"calibration": self.calibration.to_dict()} if self.calibration else {})
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
@@ -56,6 +62,7 @@ class ModelConfig:
             tdc=TDCConfig.from_dict(data["tdc"]),
             preset=data.get("preset", ""),
             version=version,
+            calibration=Calibration.from_dict(data["calibration"]) if data.get("calibration") else None,
         )
 
 
@@ -108,6 +115,11 @@ class GQVAE(nn.Module):
         self.decoder = Decoder(config.network, c)
         self.quantizer = GaussianQuantizer.from_config(config.quantizer)
         self.tdc = TargetDivergenceConstraint(config.tdc)
+        self.calibrated = config.calibration is not None
+        if self.calibrated:  # rebuilt from the config on load, never saved as tensors
+            shift, scale = config.calibration.tensors()
+            self.register_buffer("prior_shift", shift, persistent=False)
+            self.register_buffer("prior_scale", scale, persistent=False)
         self.checkpoint_sha256: str | None = None  # sha256 of the file loaded (token files cite it)
         self.provenance: dict = {}  # training provenance read from that file
 
@@ -138,6 +150,7 @@ class GQVAE(nn.Module):
         self, images: torch.Tensor, autocast: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images -> posterior (mu, logvar), each (B, C, H/f, W/f) float32; logvar clamped to LOGVAR_RANGE.
+        With a calibration, the posterior is the one under N(0, 1) (`gq.calibration.normalize`).
 
         autocast: run the encoder under torch.autocast in this dtype (torch.bfloat16 for speed on
         tensor cores); the posterior comes back in float32 either way, so the search is unchanged.
@@ -149,11 +162,22 @@ class GQVAE(nn.Module):
             with torch.autocast(device_type=x.device.type, dtype=autocast):
                 mu, logvar = self.encoder(x)
             mu, logvar = mu.float(), logvar.float()
+        if self.calibrated:
+            return normalize(mu, clamp_logvar(logvar), self.prior_shift, self.prior_scale)
         return mu, clamp_logvar(logvar)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent (B, C, h, w) -> images (B, 3, h*f, w*f), unclamped."""
+        """Latent (B, C, h, w) (calibrated: of the N(0, 1) space) -> images (B, 3, h*f, w*f), unclamped."""
+        if self.calibrated:
+            z = denormalize(z, self.prior_shift, self.prior_scale)
         return self.decoder(z)
+
+    def with_calibration(self, calibration: Calibration | None) -> GQVAE:
+        """The same network and weights under another prior (None: N(0, 1)); a new model on this device."""
+        model = GQVAE(replace(self.config, calibration=calibration)).to(self.device)
+        model.load_state_dict(self.state_dict(), strict=True)
+        model.checkpoint_sha256, model.provenance = self.checkpoint_sha256, dict(self.provenance)
+        return model.train(self.training)
 
     @torch.no_grad()
     def tokenize(self, images: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:

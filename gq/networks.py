@@ -26,6 +26,10 @@ class NetworkConfig:
     norm_groups: int = 32  # GroupNorm groups; every level's channel count must divide by it
     dropout: float = 0.0  # dropout inside residual blocks
     in_channels: int = 3  # image channels
+    # diffusers' AutoencoderKL adds a 1x1 conv on (mu, logvar) after the encoder and one on the latent before
+    # the decoder (`use_quant_conv`, `use_post_quant_conv`); the LDM / official network has neither.
+    quant_conv: bool = False
+    post_quant_conv: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -44,11 +48,15 @@ class NetworkConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Fields added later are written only when set, so an existing model's saved config stays the same.
+        return {k: v for k, v in asdict(self).items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
 
     @classmethod
     def from_dict(cls, data: dict) -> NetworkConfig:
         return cls(**data)
+
+
+_LATER_FIELDS = {"quant_conv": False, "post_quant_conv": False}  # field -> its default
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -136,6 +144,9 @@ class Encoder(nn.Module):
         )
         self.norm_out = _norm(c_in, g)
         self.conv_out = nn.Conv2d(c_in, 2 * latent_channels, 3, padding=1)
+        self.quant_conv = (
+            nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if c.quant_conv else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.conv_in(x)
@@ -143,7 +154,7 @@ class Encoder(nn.Module):
             for block, attn in zip(level["blocks"], level["attn"]):
                 h = attn(block(h))
             h = down(h)
-        h = self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        h = self.quant_conv(self.conv_out(F.silu(self.norm_out(self.mid(h)))))
         mu, logvar = h.chunk(2, dim=1)
         return mu, logvar
 
@@ -156,6 +167,9 @@ class Decoder(nn.Module):
         c = config
         g = c.norm_groups
         c_in = c.ch * c.ch_mult[-1]
+        self.post_quant_conv = (
+            nn.Conv2d(latent_channels, latent_channels, 1) if c.post_quant_conv else nn.Identity()
+        )
         self.conv_in = nn.Conv2d(latent_channels, c_in, 3, padding=1)
         self.mid = nn.Sequential(
             ResBlock(c_in, c_in, g, c.dropout),
@@ -179,7 +193,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(c_in, c.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        h = self.mid(self.conv_in(self.post_quant_conv(z)))
         for level, up in zip(self.levels, self.up):
             for block, attn in zip(level["blocks"], level["attn"]):
                 h = attn(block(h))

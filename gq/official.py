@@ -29,6 +29,7 @@ from gq.networks import NetworkConfig
 from gq.official_shapes import check_before_building
 from gq.official_yaml import check_config_values, load_config, read_config_text, resolve_interpolations
 from gq.quantizer import LOGVAR_RANGE, QuantizerConfig
+from gq.state_map import load_mapped_state
 from gq.storage import write_atomic
 from gq.tdc import TDCConfig
 from gq.unpickler import load_checkpoint
@@ -299,6 +300,8 @@ def official_names(model: GQVAE) -> dict[str, tuple[str, ...]]:
     """Each encoder/decoder tensor of ours -> its official name(s); a fused qkv is three (q, k, v)."""
     if model.config.network.mid_attention:
         raise CheckpointError("the official network has no middle attention (mid_attention=True)")
+    if model.config.network.quant_conv or model.config.network.post_quant_conv:
+        raise CheckpointError("the official network has no quant_conv / post_quant_conv (a diffusers VAE's)")
     if model.config.network.norm_groups != NORM_GROUPS:
         raise CheckpointError(
             f"the official network uses {NORM_GROUPS} norm groups, this model "
@@ -358,29 +361,9 @@ def load_official_state(model: GQVAE, state: dict, name: str = "checkpoint") -> 
 
     Tensors outside encoder.* / decoder.* (the training loss's `loss.*`: LPIPS, discriminator) are not
     part of the tokenizer: ignored, as the official code's own non-strict load does, and returned."""
-    names = official_names(model)
-    expected = {o for group in names.values() for o in group}
-    ours_part = [str(k).startswith(("encoder.", "decoder.")) for k in state]
-    ignored = sorted(str(k) for k, mine in zip(state, ours_part) if not mine)
-    stray = sorted(k for k, mine in zip(state, ours_part) if mine and k not in expected)
-    missing = sorted(expected - set(state))
-    if stray or missing:
-        what = f"unexpected tensors {stray[:3]}" if stray else f"missing tensors {missing[:3]}"
-        extra = f" and {len(stray or missing) - 3} more" if len(stray or missing) > 3 else ""
-        raise CheckpointError(f"{name}: does not match the config's network: {what}{extra}")
-    ours = model.state_dict()
-    for key, group in names.items():
-        parts = [state[o] for o in group]
-        if any(not isinstance(p, torch.Tensor) for p in parts):
-            raise CheckpointError(f"{name}: {group[0]} is not a tensor")
-        value = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
-        if value.shape != ours[key].shape:
-            raise CheckpointError(
-                f"{name}: {' + '.join(group)} has shape {tuple(value.shape)}, the config's network needs "
-                f"{tuple(ours[key].shape)}"
-            )
-        ours[key] = value.to(ours[key].dtype)
-    model.load_state_dict(ours, strict=True)
+    ours_part = {k: str(k).startswith(("encoder.", "decoder.")) for k in state}
+    ignored = sorted(str(k) for k, mine in ours_part.items() if not mine)
+    load_mapped_state(model, {k: v for k, v in state.items() if ours_part[k]}, official_names(model), name)
     return ignored
 
 
@@ -425,6 +408,8 @@ def to_official_config(model: GQVAE, resolution: int | None = None) -> dict:
     converted model's own, else 256)."""
     c = model.config
     q, net = c.quantizer, c.network
+    if c.calibration is not None:
+        raise CheckpointError("the official code has no calibrated prior (this model has a calibration)")
     if q.codebook.kind != "sobol":
         raise CheckpointError("the official code builds only Sobol codebooks (codebook kind 'iid')")
     if q.rule != "posterior":

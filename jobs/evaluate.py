@@ -2,10 +2,13 @@
 tokens, codebook usage, token entropy and the per-group KL spread; report.json, report.md and PNG plots.
 
 Run:    python jobs/evaluate.py --checkpoint model.safetensors --data 'val/val-{000000..000009}.tar' \\
-            --output eval/ [--image-size 256] [--batch-size 16] [--limit 10000] [--rule posterior|mean]
+            --output eval/ [--image-size 256] [--batch-size 16] [--limit 10000] [--rule posterior|mean] \\
+            [--audit]
 Images are decoded and center-cropped exactly as jobs/tokenize.py does; bad samples are skipped and listed
-with their reason. A plain in-process loop (no Ray); --device cuda uses a GPU. Exit status: 0 report
-written, 1 report written but a shard was unreadable or no image could be evaluated, 2 bad arguments.
+with their reason. --audit also writes the readiness audit of the same images (audit.json, audit.md and
+its plots: what jobs/audit.py writes). A plain in-process loop (no Ray); --device cuda uses a GPU. Exit
+status: 0 report written, 1 report written but a shard was unreadable or no image could be evaluated, 2 bad
+arguments.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import os
 import sys
 
 import gq
+from gq.audit import ReadinessAudit
 from pipeline.data.decode import add_limit_arguments, limits_from_args
 from pipeline.data.shards import expand_shards
+from pipeline.evaluate.audit import build_audit, write_audit
 from pipeline.evaluate.report import EvalSettings, build_report, evaluate_shards, write_report
 
 
@@ -45,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-threads", type=int, default=2, help="image decoding threads")
     p.add_argument("--examples", type=int, default=4, help="rows of the reconstruction grid")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--audit", action="store_true", help="also write the readiness audit (jobs/audit.py)")
     args = p.parse_args(argv)
     for name in ("image_size", "batch_size", "min_side", "max_pixels", "max_member_bytes"):
         if getattr(args, name) < 1:
@@ -85,9 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm import tqdm
 
         progress = lambda shards: tqdm(shards, desc="evaluate", unit="shard")  # noqa: E731
-    run = evaluate_shards(model, shards, settings, progress=progress)
+    audit = ReadinessAudit(model) if args.audit else None
+    run = evaluate_shards(model, shards, settings, progress=progress, also=audit.update if audit else None)
     report = build_report(run, model, args.checkpoint, settings)
     written = write_report(args.output, report, run)
+    if audit is not None:
+        read = {"shards": len(shards), "shards_unreadable": run.unreadable, "image_size": args.image_size,
+                "skipped_by_reason": report["skipped"]["by_reason"]}  # fmt: skip
+        written += write_audit(args.output, build_audit(audit, read, args.checkpoint), audit)
     if report["images"]:
         g, c = report["gq"], report["continuous"]
         print(

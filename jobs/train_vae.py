@@ -4,8 +4,12 @@ Run on a cluster:   ray job submit --working-dir . -- python jobs/train_vae.py -
                         --data 's3://b/train-{000000..001023}.tar' --output /mnt/runs/gq025 --workers 8 --gpu
 Run locally:        python jobs/train_vae.py --preset small-f8c16 --data shards/ --output runs/small \\
                         --image-size 64 --max-steps 2000
-Started again with the same --output after any interruption, it resumes from the last checkpoint (step,
-optimizer state, TDC multipliers, data position); a finished run just re-exports DIR/model.safetensors.
+Fine-tune a converted model (a diffusers VAE, an official release, one of ours) with TDC instead of
+training one:       python jobs/train_vae.py --init sd3-gq.safetensors --data shards/ --output runs/sd3
+(--init brings the network, weights, operating point and calibration; the source's sha256 goes into the
+provenance). Started again with the same --output after any interruption, it resumes from the last
+checkpoint (step, optimizer state, TDC multipliers, data position); a finished run just re-exports
+DIR/model.safetensors.
 Without a Ray cluster to join it starts an embedded local one. --output must be a directory the driver
 and every worker can write (a shared filesystem on a multi-node cluster), and absolute under `ray job
 submit`, whose working directory is a temporary copy. Exit status: 0 done, 1 failed (or no room for the
@@ -44,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
         settings = config_from_args(TrainSettings, args)
     except ValueError as e:
         p.error(str(e))
+    if settings.model.init:
+        try:
+            settings.model_config()  # reads --init's config: a bad file is exit 2 here, not a failed run
+        except (ValueError, OSError) as e:
+            p.error(f"--init {settings.model.init!r}: {e}")
     if args.perceptual_weights and not os.path.isfile(args.perceptual_weights):
         p.error(f"--perceptual-weights {args.perceptual_weights!r}: no such file (nothing is downloaded)")
     return args, settings

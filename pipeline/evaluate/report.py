@@ -52,18 +52,15 @@ class EvalRun:
     seconds: float = 0.0
 
 
-def evaluate_shards(
-    model: gq.GQVAE,
+def image_batches(
     shards: list[str],
     settings: EvalSettings,
+    on_skip: Callable[[str, Skip], None],
     progress: Callable[[Iterator[str]], Iterator[str]] = iter,
-) -> EvalRun:
-    """Score every decodable image of `shards` (up to `settings.limit`), decoded and center-cropped as
-    `ShardTokenizer` does; `progress` wraps the shard loop (e.g. tqdm). A shard that cannot be opened or
-    read is recorded as unreadable and the next one read."""
-    t0 = time.perf_counter()
-    run = EvalRun(Evaluator(model, rule=settings.rule, examples=settings.examples), list(shards))
-    ev, limit = run.evaluator, settings.limit
+) -> Iterator[torch.Tensor]:
+    """uint8 (B, H, W, 3) batches of every decodable image of `shards` (up to `settings.limit`), decoded
+    and center-cropped as `ShardTokenizer` does; each skipped sample (or unreadable shard) goes to
+    `on_skip(shard, skip)`; `progress` wraps the shard loop (e.g. tqdm)."""
     decode = partial(decode_sample, image_size=settings.image_size, limits=settings.limits)
 
     def shard_items(url: str) -> Iterator[tuple[str, Decoded | Skip]]:  # the shard, for the report
@@ -72,16 +69,39 @@ def evaluate_shards(
             yield url, item
 
     is_pair_row = lambda pair: is_row(pair[1])  # noqa: E731
-    items = first_rows(chain.from_iterable(shard_items(url) for url in progress(shards)), limit, is_pair_row)
+    pairs = chain.from_iterable(shard_items(url) for url in progress(shards))
+    items = first_rows(pairs, settings.limit, is_pair_row)
     # batches run across shards, so that the model sees the same batches whatever the shard sizes
     for out in batched(items, settings.batch_size, row=is_pair_row):
         if isinstance(out, tuple):
-            url, skip = out
-            run.skipped.append({"shard": url, **asdict(skip)})
-            if skip.reason == SHARD_UNREADABLE:  # the report says so and the job exits 1
-                run.unreadable.append(url)
+            on_skip(*out)
             continue
-        ev.update(torch.from_numpy(np.stack([d.image for _, d in out])))
+        yield torch.from_numpy(np.stack([d.image for _, d in out]))
+
+
+def record_skip(run: EvalRun, url: str, skip: Skip) -> None:
+    """Note a skipped sample in `run`; an unreadable shard also in `run.unreadable` (the job exits 1)."""
+    run.skipped.append({"shard": url, **asdict(skip)})
+    if skip.reason == SHARD_UNREADABLE:
+        run.unreadable.append(url)
+
+
+def evaluate_shards(
+    model: gq.GQVAE,
+    shards: list[str],
+    settings: EvalSettings,
+    progress: Callable[[Iterator[str]], Iterator[str]] = iter,
+    also: Callable[[torch.Tensor], None] | None = None,
+) -> EvalRun:
+    """Score every decodable image of `shards` (up to `settings.limit`) with `gq.evaluation.Evaluator`
+    (`image_batches`), each batch also given to `also` (e.g. the readiness audit's update). A shard that
+    cannot be opened or read is recorded as unreadable and the next read."""
+    t0 = time.perf_counter()
+    run = EvalRun(Evaluator(model, rule=settings.rule, examples=settings.examples), list(shards))
+    for batch in image_batches(shards, settings, partial(record_skip, run), progress):
+        run.evaluator.update(batch)
+        if also is not None:
+            also(batch)
     run.seconds = time.perf_counter() - t0
     return run
 
@@ -122,7 +142,7 @@ def build_report(run: EvalRun, model: gq.GQVAE, checkpoint: str, settings: EvalS
     else:
         report["images"] = 0
     report["plots"] = dict(PLOTS)
-    return _finite(report)
+    return finite(report)
 
 
 def write_report(output: str, report: dict, run: EvalRun) -> list[str]:
@@ -210,12 +230,12 @@ def format_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _finite(value):
+def finite(value):
     """JSON has no NaN or infinity: they become null."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value

@@ -27,13 +27,16 @@ def _at_least(obj: object, minimum: int, *names: str) -> None:
 class ModelSettings:
     """What network is trained; a restart may not change these."""
 
-    preset: str  # network preset (gq.PRESETS)
-    bpp: float = 0.25  # operating point (gq.OPERATING_POINTS): 0.25, 0.5 or 1.0
+    preset: str = ""  # network preset (gq.PRESETS); leave out with --init
+    bpp: float = 0.25  # operating point (gq.OPERATING_POINTS): 0.25, 0.5 or 1.0; not used with --init
     kl_mode: str = "tdc"  # "tdc", or "kl" for the plain Gaussian-VAE KL (ablation)
     kl_weight: float = 1.0  # weight of the KL term (the released checkpoints: 1.0; the configs: 0.1)
+    init: str | None = None  # warm start: a converted .safetensors (network, weights, point, calibration)
 
     def __post_init__(self) -> None:
-        if self.preset not in gq.PRESETS:
+        if self.init and self.preset:
+            raise ValueError("give --preset or --init, not both (--init brings its own network)")
+        if not self.init and self.preset not in gq.PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(gq.PRESETS)}")
         if self.bpp not in gq.OPERATING_POINTS:
             raise ValueError(
@@ -45,6 +48,11 @@ class ModelSettings:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
 
     def model_config(self) -> gq.ModelConfig:
+        """The preset at the operating point, or --init's own config with this KL mode and weight."""
+        if self.init:
+            config = gq.describe(self.init).config
+            tdc = dataclasses.replace(config.tdc, mode=self.kl_mode, weight=self.kl_weight)
+            return dataclasses.replace(config, tdc=tdc)
         return gq.model_config(self.preset, self.bpp, kl_mode=self.kl_mode, kl_weight=self.kl_weight)
 
 

@@ -53,7 +53,7 @@ def train_loop_per_worker(config: dict) -> None:
     out = Path(s.output)
     log = MetricsLog(out / "metrics.jsonl", rank == 0)
 
-    t = build_trainee(s.model_config(), s.loss, s.optim.lr, s.seed, device, rank)
+    t = build_trainee(s.model_config(), s.loss, s.optim.lr, s.seed, device, rank, init=s.model.init)
 
     resumed = resume(t, config.get("resume_from"), log, rank, world)
     state, prov = resumed.state, config["provenance"]

@@ -52,7 +52,7 @@ from pipeline.train.config import TrainSettings
 from pipeline.train.loop import train_loop_per_worker
 
 EXPERIMENT = "ray_train"  # Ray Train's run name: its storage is DIR/ray_train
-MODEL_KEYS = ("preset", "bpp", "kl_mode")  # ModelSettings fields a restart may not change
+MODEL_KEYS = ("preset", "bpp", "kl_mode", "init")  # ModelSettings fields a restart may not change
 # Ray Train's wait for a worker group's placement group (default 60 s, then retried without limit); the
 # driver's value is handed on to its controller.
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -233,7 +233,7 @@ def run_provenance(settings: TrainSettings, commit: str | None) -> dict:
         "image_size": d.image_size,
         "git_commit": commit,
         "settings": settings.to_dict(),
-    }
+    } | ({"init": m.init, "init_sha256": gq.describe(m.init).model_sha256} if m.init else {})
 
 
 def git_commit() -> str | None:

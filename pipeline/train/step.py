@@ -45,11 +45,21 @@ class Trainee:
 
 
 def build_trainee(
-    config: gq.ModelConfig, loss: LossConfig, lr: float, seed: int, device: torch.device, rank: int = 0
+    config: gq.ModelConfig,
+    loss: LossConfig,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    rank: int = 0,
+    init: str | None = None,
 ) -> Trainee:
-    """Seeded initial weights (the same on every worker), Adam for both, a per-rank noise generator."""
+    """Seeded initial weights (the same on every worker), or `init`'s (a checkpoint of the same network);
+    Adam for both, a per-rank noise generator."""
     torch.manual_seed(seed)
-    model = gq.GQVAE(config).to(device)
+    model = gq.GQVAE(config)
+    if init:
+        model.load_state_dict(gq.load(init).state_dict(), strict=True)
+    model = model.to(device)
     disc = PatchDiscriminator(loss.disc_channels, loss.disc_layers).to(device)
     perceptual = load_perceptual(loss.perceptual_weights).to(device) if loss.perceptual_weights else None
     return Trainee(
