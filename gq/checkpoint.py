@@ -56,12 +56,17 @@ def read_metadata(data: bytes, name: str = "checkpoint") -> dict[str, str]:
     """The safetensors header's `__metadata__`, with a clear error for anything that is not ours."""
     if len(data) < 8:
         raise CheckpointError(f"{name}: {len(data)} bytes, not a safetensors file")
-    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # a torch.save zip archive, or a bare pickle
+    (header_len,) = struct.unpack("<Q", data[:8])
+    # a torch.save zip archive, or a bare pickle (protocol 2+: 0x80 then the protocol number); a safetensors
+    # header's length can start with byte 0x80 too, so that alone is no pickle: its JSON header tells
+    safetensors = data[8:9] == b"{" and header_len <= len(data) - 8
+    if data[:4] == b"PK\x03\x04" or (
+        data[:1] == b"\x80" and data[1:2] in b"\x02\x03\x04\x05" and not safetensors
+    ):
         raise CheckpointError(
             f"{name}: a PyTorch pickle checkpoint, not a gq-tokenizer one; convert an official GQ .ckpt "
             "with `python jobs/convert.py from-official --checkpoint CKPT --config YAML --output OUT`"
         )
-    (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > len(data) - 8:
         raise CheckpointError(f"{name}: not a safetensors file, or truncated inside its header")
     try:

@@ -152,3 +152,16 @@ def test_a_pickle_checkpoint_is_refused_with_the_way_to_convert_it(tmp_path, mon
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("must not unpickle"))
     with pytest.raises(gq.CheckpointError, match="jobs/convert.py from-official"):
         gq.load(str(path))
+
+
+def test_a_header_length_starting_with_byte_0x80_is_no_pickle(small):
+    """A safetensors header of 0x..80 bytes begins the file with 0x80, as a bare pickle does: it loads."""
+    for pad in range(256):
+        data = ckpt.checkpoint_bytes(small, {"pad": "x" * pad})
+        if data[0] == 0x80:
+            break
+    assert data[0] == 0x80
+    loaded = ckpt.load_bytes(data)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), small.state_dict().values()))
+    with pytest.raises(gq.CheckpointError, match="pickle"):
+        ckpt.load_bytes(pickle.dumps({"state_dict": {}}, protocol=4))
