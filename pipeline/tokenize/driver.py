@@ -12,7 +12,6 @@ import posixpath
 import sys
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import fsspec
@@ -23,19 +22,21 @@ from tqdm import tqdm
 
 import gq
 from pipeline.data.samples import ShardUnreadable
-from pipeline.data.shards import expand_shards, identity_mismatch, shard_identity, shard_stem
+from pipeline.data.shards import expand_shards_listed, identity_mismatch, listed_identities, shard_stem
+from pipeline.io import join
 from pipeline.tokenize.pool import ActorPool, actor_resources
 from pipeline.tokenize.processor import TokenizeOptions
 from pipeline.tokenize.summary import JobSummary
+from pipeline.tokens.index import CommitIndex, Commits, load_commits
 from pipeline.tokens.records import (
+    FAILED_FILE,
     Provenance,
     check_run,
     clear_outputs,
     clear_temporaries,
-    committed_stems,
     foreign_entries,
-    read_manifest,
     read_run,
+    write_failed,
     write_run,
 )
 
@@ -87,23 +88,32 @@ def check_paths(checkpoint: str, output: str) -> None:
         at = posixpath.dirname(at)
 
 
-def check_committed(output: str, shards: list[str]) -> None:
-    """Refuse to resume when a committed shard's record describes another shard than the input shard of
-    that name now (another directory, or the file changed): skipping it would lose the new one's samples."""
-    done = committed_stems(output)
-    resumed = [u for u in shards if shard_stem(u) in done]
+class PlannedShards(list):
+    """The shard URLs of a plan, carrying the commits read while planning (run_job takes them from here
+    rather than listing DIR again; a plain list makes it load them)."""
 
-    def mismatch(url: str) -> str | None:
-        return identity_mismatch(read_manifest(output, shard_stem(url)), url, shard_identity(url))
+    commits: Commits | None = None
 
-    with ThreadPoolExecutor(16) as pool:  # one record read and one stat per shard: overlap them
-        found = [(u, why) for u, why in zip(resumed, pool.map(mismatch, resumed), strict=True) if why]
+
+def check_committed(output: str, shards: list[str], listed: dict[str, dict]) -> Commits:
+    """The commits of DIR; refuse to resume when a committed shard's record describes another shard than
+    the input shard of that name now (another directory, or the file changed): skipping it would lose the
+    new one's samples. The records come from the commit index, the inputs' identities from listings."""
+    commits = load_commits(output)
+    resumed = [u for u in shards if shard_stem(u) in commits.entries]
+    now = listed_identities(resumed, listed)
+    found = []
+    for url in resumed:
+        why = identity_mismatch({"shard_identity": commits.entries[shard_stem(url)].pinned}, url, now[url])
+        if why:
+            found.append((url, why))
     if found:
         url, why = found[0]
         raise ValueError(
             f"{len(found)} committed shard(s) are not the input shards of the same name now, e.g. "
             f"{shard_stem(url)} ({why}): use a new --output, or --on-existing overwrite to redo them"
         )
+    return commits
 
 
 def plan(settings: JobSettings) -> tuple[list[str], dict]:
@@ -113,7 +123,8 @@ def plan(settings: JobSettings) -> tuple[list[str], dict]:
     if settings.actors < 1:
         raise ValueError("--actors must be >= 1")
     check_paths(settings.checkpoint, settings.output)
-    shards = expand_shards(settings.input)
+    urls, listed = expand_shards_listed(settings.input)
+    shards = PlannedShards(urls)
     check_exist(shards)
     foreign = foreign_entries(settings.output)
     if foreign and not settings.allow_nonempty_output:
@@ -124,7 +135,7 @@ def plan(settings: JobSettings) -> tuple[list[str], dict]:
             "those files (they are never deleted)"
         )
     if settings.on_existing == "skip":
-        check_committed(settings.output, shards)
+        shards.commits = check_committed(settings.output, shards, listed)
     stems = Counter(shard_stem(s) for s in shards)
     clashes = [s for s, n in stems.items() if n > 1]
     if clashes:
@@ -156,9 +167,9 @@ def prepare_output(settings: JobSettings, run: dict) -> None:
 def run_job(settings: JobSettings, shards: list[str], run: dict) -> JobSummary:
     """Tokenize every uncommitted shard on a pool of actors (Ray must be initialised)."""
     t0 = time.perf_counter()
-    summary = JobSummary(shards_total=len(shards))
-    done = committed_stems(settings.output)
-    todo = deque(s for s in shards if shard_stem(s) not in done)
+    summary = JobSummary(shards_total=len(shards), failed_file=join(settings.output, FAILED_FILE))
+    index = CommitIndex(getattr(shards, "commits", None) or load_commits(settings.output))
+    todo = deque(uncommitted(shards, index.commits))
     summary.committed_before = len(shards) - len(todo)
     if todo:
         cpus = actor_resources(settings.actors, settings.cpus_per_actor, settings.gpus_per_actor)
@@ -168,12 +179,27 @@ def run_job(settings: JobSettings, shards: list[str], run: dict) -> JobSummary:
         )  # fmt: skip
         bar = progress_bar(settings.progress, len(shards), summary.committed_before)
         try:
-            _drain(pool, todo, settings.retries, summary, bar, t0)
+            _drain(pool, todo, settings.retries, summary, bar, t0, index)
         finally:
             bar.close()
             pool.close()
+    finish_output(settings.output, index, summary)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def uncommitted(shards: list[str], commits: Commits) -> list[str]:
+    """The shards a run does: those without a commit record (never run, failed, or their record deleted)."""
+    return [s for s in shards if shard_stem(s) not in commits.entries]
+
+
+def finish_output(output: str, index: CommitIndex, summary: JobSummary) -> None:
+    """Bring the commit index up to date and write `_failed.json` (or remove a previous run's)."""
+    index.try_flush()
+    if index.error:
+        print(f"tokenize: warning: the commit index is behind ({index.error}); the next run rebuilds it",
+              file=sys.stderr)  # fmt: skip
+    write_failed(output, summary.failure_list())
 
 
 def progress_bar(enabled: bool, total: int, initial: int) -> tqdm:
@@ -188,7 +214,9 @@ def progress_bar(enabled: bool, total: int, initial: int) -> tqdm:
     )
 
 
-def _drain(pool: ActorPool, todo: deque, retries: int, summary: JobSummary, bar: tqdm, t0: float) -> None:
+def _drain(
+    pool: ActorPool, todo: deque, retries: int, summary: JobSummary, bar: tqdm, t0: float, index: CommitIndex
+) -> None:
     """Run shards until none is queued or in flight; a failed attempt goes back to the front of the queue
     up to `retries` times, except an unreadable shard, which fails at once (its bytes will not change)."""
     attempts: Counter = Counter()
@@ -196,7 +224,7 @@ def _drain(pool: ActorPool, todo: deque, retries: int, summary: JobSummary, bar:
     def retry(url: str, err: str) -> None:
         attempts[url] += 1
         if attempts[url] > retries:
-            summary.failed[shard_stem(url)] = err
+            summary.fail(url, err, attempts[url])
         else:
             summary.retried += 1
             summary.retried_shards[shard_stem(url)] = err
@@ -218,11 +246,12 @@ def _drain(pool: ActorPool, todo: deque, retries: int, summary: JobSummary, bar:
                 cause = e.cause if getattr(e, "cause", None) is not None else e
                 error = f"{type(cause).__name__}: {str(cause).splitlines()[-1][:300]}"
                 if isinstance(cause, ShardUnreadable):
-                    summary.failed[shard_stem(attempt.url)] = error
+                    summary.fail(attempt.url, error, attempts[attempt.url] + 1)
                 else:
                     retry(attempt.url, error)
             else:
                 summary.add(record)
+                index.add(record)
                 bar.update(1)
             pool.feed(attempt.slot, todo)
         summary.encoded = pool.images()
