@@ -156,16 +156,13 @@ class Commits:
     records_read: int = 0  # commit records read (the rest came from the index)
 
 
-def load_commits(output: str, threads: int = 16) -> Commits:
-    """The committed shards of `output`: one LIST of `_manifest/`, one index read, and a read of each
-    record the index does not hold as it is now (see the module doc)."""
-    listing = list_manifest(output)
-    index = None
-    for k in listing.indexes:  # the newest readable one; an older one is only less complete
-        index = read_index(output, k)
-        if index is not None:
-            break
-    index = index or {}
+def load_commits(
+    output: str, listing: Listing | None = None, index: dict[str, Entry] | None = None, threads: int = 16
+) -> Commits:
+    """The committed shards of `output`: one LIST of `_manifest/` and one index read (unless given), and
+    a read of each record the index does not hold as it is now (see the module doc)."""
+    listing = listing or list_manifest(output)
+    index = newest_index(output, listing) if index is None else index
     entries, unread = {}, []
     for stem, tag in listing.tags.items():
         e = index.get(stem)
@@ -181,6 +178,16 @@ def load_commits(output: str, threads: int = 16) -> Commits:
     stale = bool(unread) or len(entries) != len(index) or not listing.indexes
     generation = listing.indexes[0] if listing.indexes else -1
     return Commits(output, entries, generation, stale, len(unread))
+
+
+def newest_index(output: str, listing: Listing) -> dict[str, Entry]:
+    """The entries of the newest readable index generation ({} when none reads): an older one is only
+    less complete, and its entries are checked against the records like any."""
+    for k in listing.indexes:
+        index = read_index(output, k)
+        if index is not None:
+            return index
+    return {}
 
 
 def _read_record(output: str, stem: str) -> dict:
@@ -241,3 +248,20 @@ class CommitIndex:
 
 def _fields(e: Entry) -> tuple:
     return e.shard_identity, e.rows, e.row_groups, e.codebook_fingerprint
+
+
+def indexed_token_files(directory: str) -> list[tuple[str, Entry]] | None:
+    """(token file path, entry) of each committed shard of a tokenize output directory that has a
+    readable commit index, sorted by path, with paths as `fs` spells them (no protocol); None for anything
+    else (a file, a glob, a directory without an index, or whose index cannot be read), which readers list
+    and open file by file. One LIST of `_manifest/` and one index read, plus the records the index lacks."""
+    if any(c in directory for c in "*?["):
+        return None
+    listing = list_manifest(directory)
+    index = newest_index(directory, listing)
+    if not index:
+        return None
+    commits = load_commits(directory, listing, index)
+    fs, path = fsspec.core.url_to_fs(directory)
+    files = [(posixpath.join(path.rstrip("/"), f"{stem}.parquet"), e) for stem, e in commits.entries.items()]
+    return sorted(files)
