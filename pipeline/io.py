@@ -23,7 +23,8 @@ def read_json(url: str) -> dict | None:
     first: another process may have written it since)."""
     fs, path = fsspec.core.url_to_fs(url)
     fs.invalidate_cache()
-    if not fs.exists(path):
+    try:
+        data = fs.cat_file(path)  # one GET on an object store (an existence check first would be two)
+    except FileNotFoundError:
         return None
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read())
+    return json.loads(data)

@@ -79,8 +79,14 @@ def check_paths(checkpoint: str, output: str) -> None:
     fs, path = fsspec.core.url_to_fs(output)
     path = path.rstrip("/")
     at = path
-    while at and not fs.isdir(at):
-        if fs.isfile(at):
+    while at:
+        try:  # (not isdir: on an object store that lists the whole directory, 10^6 token files)
+            kind = fs.info(at)["type"]
+        except FileNotFoundError:
+            kind = None
+        if kind == "directory":
+            break
+        if kind == "file":
             where = "is a file" if at == path else f"lies under the file {at}"
             raise ValueError(f"--output {output} {where}: give a directory")
         if posixpath.dirname(at) == at:

@@ -71,7 +71,7 @@ def entry_of(record: dict, tag: str | None = None) -> Entry:
     pinned = record.get("shard_identity") or {"url": record.get("shard")}
     groups = record.get("row_groups")
     return Entry(
-        tag, json.dumps(pinned, sort_keys=True), int(record.get("rows", 0)),
+        tag, json.dumps(pinned), int(record.get("rows", 0)),
         tuple(groups) if groups is not None else None, record.get("codebook_fingerprint"),
     )  # fmt: skip
 
@@ -110,8 +110,8 @@ def index_url(output: str, k: int) -> str:
 def read_index(output: str, k: int) -> dict[str, Entry] | None:
     """The entries of index generation k, or None when it cannot be read or is not one of ours."""
     try:
-        with fsspec.open(index_url(output, k), "rb") as f:
-            table = pq.read_table(io.BytesIO(f.read()))
+        fs, path = fsspec.core.url_to_fs(index_url(output, k))
+        table = pq.read_table(io.BytesIO(fs.cat_file(path)))  # one GET
         if not table.schema.equals(SCHEMA):
             return None
         columns = [table.column(n).to_pylist() for n in SCHEMA.names]

@@ -7,6 +7,7 @@ file is in place, so a job killed at any moment and started again redoes exactly
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 from collections import Counter
@@ -194,8 +195,8 @@ def write_failed(output: str, failed: list[dict]) -> None:
         write_atomic(url, json.dumps({"failed": failed}, indent=1).encode())
         return
     fs, path = fsspec.core.url_to_fs(url)
-    if fs.exists(path):
-        fs.rm(path)
+    with contextlib.suppress(FileNotFoundError):  # one DELETE on an object store, absent or not
+        fs.rm_file(path)
 
 
 def read_failed(output: str) -> list[dict]:
