@@ -94,7 +94,8 @@ def store(moto, small_checkpoint):
     backend, _ = moto
     fs = fsspec.filesystem("s3")
     fs.mkdir(BUCKET)
-    fs.put(small_checkpoint, f"{BUCKET}/model.safetensors")
+    with open(small_checkpoint, "rb") as f:
+        backend.put_object(BUCKET, "model.safetensors", f.read())
     inputs = {f"shards/tiny-{i:06d}.tar": f"shard {i} bytes".encode() for i in range(N)}
     for key, data in inputs.items():
         backend.put_object(BUCKET, key, data)
