@@ -82,7 +82,7 @@ def check_paths(checkpoint: str, output: str) -> None:
     while at:
         try:  # (not isdir: on an object store that lists the whole directory, 10^6 token files)
             kind = fs.info(at)["type"]
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             kind = None
         if kind == "directory":
             break
