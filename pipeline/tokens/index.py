@@ -191,8 +191,8 @@ def newest_index(output: str, listing: Listing) -> dict[str, Entry]:
 
 
 def _read_record(output: str, stem: str) -> dict:
-    with fsspec.open(join(output, MANIFEST_DIR, f"{stem}.json"), "rb") as f:
-        return json.loads(f.read())
+    fs, path = fsspec.core.url_to_fs(join(output, MANIFEST_DIR, f"{stem}.json"))
+    return json.loads(fs.cat_file(path))  # one GET
 
 
 class CommitIndex:
