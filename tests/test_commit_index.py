@@ -20,6 +20,7 @@ import gq
 from pipeline.data.shards import shard_identity
 from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job, uncommitted
 from pipeline.tokenize.processor import TokenizeOptions
+from pipeline.tokens.export import export_flat
 from pipeline.tokens.index import CommitIndex, entry_of, list_manifest, load_commits, read_index, write_index
 from pipeline.tokens.reader import TokenDataset, read_unit, tokens_array
 from pipeline.tokens.records import CommitRecord, Provenance, read_run, write_manifest
@@ -244,3 +245,17 @@ def test_old_directory_gains_an_index_and_a_corrupt_one_is_rebuilt(tmp_path, sma
     with pytest.raises(ValueError) as without:
         plan(settings)
     assert str(with_index.value) == str(without.value) and "size 7 != 12" in str(without.value)
+
+
+def test_readers_plan_from_the_index_as_from_the_footers(tmp_path, small_checkpoint):
+    settings = local_dir(tmp_path, small_checkpoint, n=12)
+    out = settings.output
+    resume(settings)  # the index
+    assert list_manifest(out).indexes == [0]
+    indexed, footers = TokenDataset(out, seed=3), TokenDataset(f"{out}/*.parquet", seed=3)  # glob: no index
+    assert indexed.units == footers.units and indexed.metadata == footers.metadata
+    assert [t.tolist() for t in indexed] == [t.tolist() for t in footers]
+    a = export_flat(out, str(tmp_path / "a"), offset=2, bos=1)
+    b = export_flat(f"{out}/*.parquet", str(tmp_path / "b"), offset=2, bos=1)
+    assert a == b and (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+    assert a["sequences"] == 24

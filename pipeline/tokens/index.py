@@ -89,7 +89,7 @@ def list_manifest(output: str) -> Listing:
     fs.invalidate_cache()  # object-store listings are cached per filesystem instance
     try:
         infos = fs.ls(path, detail=True)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no commit yet, or DIR is a file (a reader's source)
         return Listing()
     fs.invalidate_cache(path)  # 10^6 entries must not stay cached in the filesystem instance
     listing = Listing()
