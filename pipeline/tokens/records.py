@@ -3,6 +3,8 @@
 A shard is committed when `DIR/_manifest/<stem>.json` exists; it is written only after the shard's Parquet
 file is in place, so a job killed at any moment and started again redoes exactly the uncommitted shards.
 `DIR/_run.json` pins the model, codebook and preprocessing: a later run with different ones is refused.
+`DIR/_failed.json` lists the shards the last run could not commit. The commit index that lets a resume
+skip reading every record is pipeline.tokens.index.
 """
 
 from __future__ import annotations
