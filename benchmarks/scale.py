@@ -296,11 +296,13 @@ def committed_local(work: Path, ckpt: str, n: int) -> dict:
 
 def committed_s3(work: Path, ckpt: str, n: int) -> dict:
     import fsspec
+    import s3fs
     from faultproxy import FaultProxy
     from moto.core import DEFAULT_ACCOUNT_ID
     from moto.s3.models import s3_backends
     from moto.server import ThreadedMotoServer
 
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached instance would talk to the previous server
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     port = server._server.server_port

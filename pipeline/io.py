@@ -10,12 +10,18 @@ import fsspec
 
 from gq.storage import atomic_open, remove_temporaries, write_atomic
 
-__all__ = ["atomic_open", "join", "read_json", "remove_temporaries", "write_atomic"]
+__all__ = ["atomic_open", "cat_whole", "join", "read_json", "remove_temporaries", "write_atomic"]
 
 
 def join(base: str, *parts: str) -> str:
     """Path join that keeps URL schemes (`s3://b/x` + `y` -> `s3://b/x/y`)."""
     return posixpath.join(base.rstrip("/"), *parts)
+
+
+def cat_whole(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """A small file's bytes in one request: from offset 0, because s3fs asks for the size first (a HEAD)
+    when no range is given, to decide on a parallel download."""
+    return fs.cat_file(path, start=0)
 
 
 def read_json(url: str) -> dict | None:
@@ -24,7 +30,7 @@ def read_json(url: str) -> dict | None:
     fs, path = fsspec.core.url_to_fs(url)
     fs.invalidate_cache()
     try:
-        data = fs.cat_file(path)  # one GET on an object store (an existence check first would be two)
+        data = cat_whole(fs, path)  # one GET on an object store (an existence check first would be two)
     except FileNotFoundError:
         return None
     return json.loads(data)
