@@ -31,6 +31,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -334,6 +335,8 @@ def committed_s3(work: Path, ckpt: str, n: int) -> dict:
             )
         return out
     finally:
+        # moto keeps its buckets in process-wide state, which the next size's server would start with
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"))
         proxy.stop()
         server.stop()
 
