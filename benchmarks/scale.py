@@ -336,7 +336,8 @@ def committed_s3(work: Path, ckpt: str, n: int) -> dict:
         return out
     finally:
         # moto keeps its buckets in process-wide state, which the next size's server would start with
-        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"))
+        reset = urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST")
+        urllib.request.urlopen(reset)
         proxy.stop()
         server.stop()
 
