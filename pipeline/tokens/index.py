@@ -175,7 +175,8 @@ def load_commits(
             records = pool.map(lambda s: _read_record(output, s), unread)
             for stem, record in zip(unread, records, strict=True):
                 entries[stem] = entry_of(record, listing.tags[stem])
-    stale = bool(unread) or len(entries) != len(index) or not listing.indexes
+    # (no record and no index: nothing to index, and no empty index written into a fresh DIR)
+    stale = bool(unread) or len(entries) != len(index) or (not listing.indexes and bool(entries))
     generation = listing.indexes[0] if listing.indexes else -1
     return Commits(output, entries, generation, stale, len(unread))
 
