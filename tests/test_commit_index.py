@@ -26,7 +26,6 @@ from pipeline.tokens.reader import TokenDataset, read_unit, tokens_array
 from pipeline.tokens.records import CommitRecord, Provenance, read_run, write_manifest
 from pipeline.tokens.writer import parquet_bytes, row_groups_of, token_table
 
-pytestmark = pytest.mark.slow  # the 5,000-shard listings take moto ~10-40 s
 N = 5000
 BUCKET = "gq-index"
 SIZE = 64
@@ -136,6 +135,7 @@ def resume(settings):
     return shards, run_job(settings, shards, run)
 
 
+@pytest.mark.slow  # moto serves the 5,000-shard listings at ~1 s per page of 1,000 here
 def test_resume_and_reader_open_cost_o_n_over_1000_requests(moto, store):
     _, proxy = moto
     settings, records, expected = store
@@ -154,6 +154,7 @@ def test_resume_and_reader_open_cost_o_n_over_1000_requests(moto, store):
         np.testing.assert_array_equal(tokens_array(table.column("tokens")), expected[stem])
 
 
+@pytest.mark.slow
 def test_planted_changes_behave_as_without_index(moto, store):
     """Each planted change gives what the records alone say: the index is only trusted where it agrees."""
     _, proxy = moto
