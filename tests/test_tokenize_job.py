@@ -304,7 +304,9 @@ def test_shard_failing_after_retries_is_named_and_exit_1(tmp_path, small_checkpo
     """The driver in-process on a local Ray: a shard that cannot be read fails after its retries."""
     import ray
 
-    from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job
+    from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job, uncommitted
+    from pipeline.tokens.index import load_commits
+    from pipeline.tokens.records import read_failed
 
     good = tmp_path / "good.tar"
     make_shard(str(good), 3, seed=40)
@@ -328,6 +330,14 @@ def test_shard_failing_after_retries_is_named_and_exit_1(tmp_path, small_checkpo
     junk_error = summary.failed["junk"]
     assert junk_error.startswith("ShardUnreadable: ") and "not a tar archive" in junk_error
     assert "FAILED vanished" in summary.format() and "FAILED junk" in summary.format()
+    # all failures in DIR/_failed.json (URL, error, attempts), and a rerun would do exactly those
+    failed = {f["stem"]: f for f in read_failed(settings.output)}
+    assert failed["vanished"]["attempts"] == 2 and failed["junk"]["attempts"] == 1
+    assert failed["junk"]["url"] == str(junk) and failed["junk"]["error"] == junk_error
+    assert f"each listed in {settings.output}/_failed.json" in summary.format()
+    assert uncommitted(
+        [*shards, str(tmp_path / "vanished.tar"), str(junk)], load_commits(settings.output)
+    ) == [str(tmp_path / "vanished.tar"), str(junk)]
     assert summary.encoded == summary.rows == 3  # reported by the actor batch by batch
 
 

@@ -7,7 +7,7 @@ import contextlib
 import gzip
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 import fsspec
@@ -18,13 +18,21 @@ from fsspec.implementations.local import LocalFileSystem
 # Longest first, so that ".tar.zst" wins over ".tar" style prefixes when stripping.
 SHARD_EXTENSIONS = (".tar.zstd", ".tar.zst", ".tar.gz", ".tgz", ".tar")
 LIST_EXTENSION = ".txt"
+LIST_AT_LEAST = 8  # shards of one directory that make listing it cheaper than asking for each
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 
 def expand_shards(spec: str) -> list[str]:
-    """The shard URLs named by SHARDS, in order, duplicates removed (first kept).
+    """The shard URLs named by SHARDS, in order, duplicates removed (first kept); see expand_shards_listed."""
+    return expand_shards_listed(spec)[0]
+
+
+def expand_shards_listed(spec: str) -> tuple[list[str], dict[str, dict]]:
+    """The shard URLs named by SHARDS, in order, duplicates removed (first kept), and the identities
+    (`shard_identity`) of those that a listing found on the way (globs and directories; not brace patterns,
+    which expand without a request).
 
     SHARDS is one of:
     - a brace pattern, `s3://b/train-{000000..000009}.tar` or `{train,val}-0.tar` (expanded as text, with
@@ -41,20 +49,21 @@ def expand_shards(spec: str) -> list[str]:
     spec = spec.strip()
     if not spec:
         raise ValueError("empty SHARDS argument: give a brace pattern, glob, directory or .txt list of URLs")
+    listed: dict[str, dict] = {}
     if _has_brace_expression(spec):
         urls = []
         for item in _expand_braces(spec):
-            urls.extend(_glob(item) if _has_magic(item) else [item])
+            urls.extend(_glob(item, listed) if _has_magic(item) else [item])
     elif _path_part(spec).lower().endswith(LIST_EXTENSION):
         urls = _read_list(spec)
     elif _has_magic(spec):
-        urls = _glob(spec)
+        urls = _glob(spec, listed)
     else:
-        urls = _directory_or_file(spec)
+        urls = _directory_or_file(spec, listed)
     urls = list(dict.fromkeys(urls))
     if not urls:
         raise ValueError(f"no shard files match {spec!r} (expected {', '.join(SHARD_EXTENSIONS)} files)")
-    return urls
+    return urls, listed
 
 
 def shard_stem(url: str) -> str:
@@ -71,7 +80,11 @@ def shard_identity(url: str) -> dict:
     """What tells this shard from another of the same name: its URL, size, and its ETag (object stores,
     http) or else its modification time, where the filesystem has them. One metadata request."""
     fs, path = url_to_fs(url)
-    info = fs.info(path)
+    return identity_of(url, fs.info(path))
+
+
+def identity_of(url: str, info: dict) -> dict:
+    """`shard_identity` from a metadata request's or a listing's entry (they carry the same fields)."""
     identity = {"url": url, "size": info.get("size")}
     etag = info.get("ETag") or info.get("etag")
     if etag:
@@ -79,6 +92,37 @@ def shard_identity(url: str) -> dict:
     elif info.get("mtime") is not None:
         identity["mtime"] = float(info["mtime"])
     return identity
+
+
+def listed_identities(urls: Iterable[str], known: dict[str, dict] | None = None) -> dict[str, dict]:
+    """`shard_identity` of each URL, from LISTing the directories they lie in (one request per 1,000
+    entries) rather than one metadata request per shard; `known` ones are not looked up again. A URL that
+    its directory's listing lacks, or whose directory holds fewer than LIST_AT_LEAST of them (listing a
+    large directory for a few would cost more), is asked for alone, so that a missing one raises as
+    `shard_identity` does."""
+    known = known or {}
+    found: dict[str, dict] = {}
+    by_dir: dict[str, list[str]] = {}
+    for url in urls:
+        if url in known:
+            found[url] = known[url]
+        elif _is_http(url):
+            found[url] = shard_identity(url)
+        else:
+            by_dir.setdefault(posixpath.dirname(url), []).append(url)
+    for directory, members in by_dir.items():
+        infos = {}
+        if len(members) >= LIST_AT_LEAST:
+            fs, path = url_to_fs(directory)
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                infos = {posixpath.basename(i["name"]): i for i in fs.ls(path, detail=True)}
+            fs.invalidate_cache(path)  # a listing of 10^6 entries must not stay cached
+        for url in members:
+            info = infos.get(posixpath.basename(url))
+            found[url] = (
+                identity_of(url, info) if info and info.get("type") == "file" else shard_identity(url)
+            )
+    return found
 
 
 def identity_mismatch(recorded: dict, url: str, current: dict | None) -> str | None:
@@ -174,22 +218,26 @@ def _brace_alternatives(body: str) -> list[str] | None:
     return None
 
 
-def _glob(pattern: str) -> list[str]:
+def _glob(pattern: str, listed: dict[str, dict]) -> list[str]:
     fs, path = url_to_fs(pattern)
     found = fs.glob(path, detail=True)  # one listing, not a stat per match
     matches = sorted(p for p, info in found.items() if info.get("type") != "directory" and is_shard_file(p))
-    return [_restore(pattern, fs, p) for p in matches]
+    urls = [_restore(pattern, fs, p) for p in matches]
+    listed.update((u, identity_of(u, found[p])) for u, p in zip(urls, matches, strict=True))
+    return urls
 
 
-def _directory_or_file(spec: str) -> list[str]:
+def _directory_or_file(spec: str, listed: dict[str, dict]) -> list[str]:
     if _is_http(spec):
         # listing an http "directory" means scraping HTML: treat an http URL as one shard
         return [spec]
     fs, path = url_to_fs(spec)
     if fs.isdir(path):
-        entries = fs.ls(path, detail=True)
-        files = sorted(e["name"] for e in entries if e.get("type") == "file" and is_shard_file(e["name"]))
-        return [_restore(spec, fs, p) for p in files]
+        entries = {e["name"]: e for e in fs.ls(path, detail=True)}
+        files = sorted(p for p, e in entries.items() if e.get("type") == "file" and is_shard_file(p))
+        urls = [_restore(spec, fs, p) for p in files]
+        listed.update((u, identity_of(u, entries[p])) for u, p in zip(urls, files, strict=True))
+        return urls
     if fs.exists(path):
         return [_restore(spec, fs, path)]
     raise ValueError(f"no such shard, directory or list: {spec!r}")

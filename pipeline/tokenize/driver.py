@@ -13,7 +13,6 @@ import posixpath
 import sys
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import fsspec
@@ -24,19 +23,21 @@ from tqdm import tqdm
 
 import gq
 from pipeline.data.samples import ShardUnreadable
-from pipeline.data.shards import expand_shards, identity_mismatch, shard_identity, shard_stem
+from pipeline.data.shards import expand_shards_listed, identity_mismatch, listed_identities, shard_stem
+from pipeline.io import join
 from pipeline.tokenize.pool import ActorPool, actor_resources
 from pipeline.tokenize.processor import TokenizeOptions
 from pipeline.tokenize.summary import JobSummary
+from pipeline.tokens.index import CommitIndex, Commits, load_commits
 from pipeline.tokens.records import (
+    FAILED_FILE,
     Provenance,
     check_run,
     clear_outputs,
     clear_temporaries,
-    committed_stems,
     foreign_entries,
-    read_manifest,
     read_run,
+    write_failed,
     write_run,
 )
 
@@ -80,8 +81,14 @@ def check_paths(checkpoint: str, output: str) -> None:
     fs, path = fsspec.core.url_to_fs(output)
     path = path.rstrip("/")
     at = path
-    while at and not fs.isdir(at):
-        if fs.isfile(at):
+    while at:
+        try:  # (not isdir: on an object store that lists the whole directory, 10^6 token files)
+            kind = fs.info(at)["type"]
+        except (FileNotFoundError, NotADirectoryError):
+            kind = None
+        if kind == "directory":
+            break
+        if kind == "file":
             where = "is a file" if at == path else f"lies under the file {at}"
             raise ValueError(f"--output {output} {where}: give a directory")
         if posixpath.dirname(at) == at:
@@ -89,23 +96,32 @@ def check_paths(checkpoint: str, output: str) -> None:
         at = posixpath.dirname(at)
 
 
-def check_committed(output: str, shards: list[str]) -> None:
-    """Refuse to resume when a committed shard's record describes another shard than the input shard of
-    that name now (another directory, or the file changed): skipping it would lose the new one's samples."""
-    done = committed_stems(output)
-    resumed = [u for u in shards if shard_stem(u) in done]
+class PlannedShards(list):
+    """The shard URLs of a plan, carrying the commits read while planning (run_job takes them from here
+    rather than listing DIR again; a plain list makes it load them)."""
 
-    def mismatch(url: str) -> str | None:
-        return identity_mismatch(read_manifest(output, shard_stem(url)), url, shard_identity(url))
+    commits: Commits | None = None
 
-    with ThreadPoolExecutor(16) as pool:  # one record read and one stat per shard: overlap them
-        found = [(u, why) for u, why in zip(resumed, pool.map(mismatch, resumed), strict=True) if why]
+
+def check_committed(output: str, shards: list[str], listed: dict[str, dict]) -> Commits:
+    """The commits of DIR; refuse to resume when a committed shard's record describes another shard than
+    the input shard of that name now (another directory, or the file changed): skipping it would lose the
+    new one's samples. The records come from the commit index, the inputs' identities from listings."""
+    commits = load_commits(output)
+    resumed = [u for u in shards if shard_stem(u) in commits.entries]
+    now = listed_identities(resumed, listed)
+    found = []
+    for url in resumed:
+        why = identity_mismatch({"shard_identity": commits.entries[shard_stem(url)].pinned}, url, now[url])
+        if why:
+            found.append((url, why))
     if found:
         url, why = found[0]
         raise ValueError(
             f"{len(found)} committed shard(s) are not the input shards of the same name now, e.g. "
             f"{shard_stem(url)} ({why}): use a new --output, or --on-existing overwrite to redo them"
         )
+    return commits
 
 
 def plan(settings: JobSettings) -> tuple[list[str], dict]:
@@ -117,7 +133,8 @@ def plan(settings: JobSettings) -> tuple[list[str], dict]:
     if not settings.actor_wait > 0:
         raise ValueError("--actor-wait must be > 0")
     check_paths(settings.checkpoint, settings.output)
-    shards = expand_shards(settings.input)
+    urls, listed = expand_shards_listed(settings.input)
+    shards = PlannedShards(urls)
     check_exist(shards)
     foreign = foreign_entries(settings.output)
     if foreign and not settings.allow_nonempty_output:
@@ -128,7 +145,7 @@ def plan(settings: JobSettings) -> tuple[list[str], dict]:
             "those files (they are never deleted)"
         )
     if settings.on_existing == "skip":
-        check_committed(settings.output, shards)
+        shards.commits = check_committed(settings.output, shards, listed)
     stems = Counter(shard_stem(s) for s in shards)
     clashes = [s for s, n in stems.items() if n > 1]
     if clashes:
@@ -160,9 +177,9 @@ def prepare_output(settings: JobSettings, run: dict) -> None:
 def run_job(settings: JobSettings, shards: list[str], run: dict) -> JobSummary:
     """Tokenize every uncommitted shard on a pool of actors (Ray must be initialised)."""
     t0 = time.perf_counter()
-    summary = JobSummary(shards_total=len(shards))
-    done = committed_stems(settings.output)
-    todo = deque(s for s in shards if shard_stem(s) not in done)
+    summary = JobSummary(shards_total=len(shards), failed_file=join(settings.output, FAILED_FILE))
+    index = CommitIndex(getattr(shards, "commits", None) or load_commits(settings.output))
+    todo = deque(uncommitted(shards, index.commits))
     summary.committed_before = len(shards) - len(todo)
     if todo:
         cpus = actor_resources(settings.actors, settings.cpus_per_actor, settings.gpus_per_actor)
@@ -172,12 +189,27 @@ def run_job(settings: JobSettings, shards: list[str], run: dict) -> JobSummary:
         )  # fmt: skip
         bar = progress_bar(settings.progress, len(shards), summary.committed_before)
         try:
-            _drain(pool, todo, settings, summary, bar, t0)
+            _drain(pool, todo, settings, summary, bar, t0, index)
         finally:
             bar.close()
             pool.close()
+    finish_output(settings.output, index, summary)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def uncommitted(shards: list[str], commits: Commits) -> list[str]:
+    """The shards a run does: those without a commit record (never run, failed, or their record deleted)."""
+    return [s for s in shards if shard_stem(s) not in commits.entries]
+
+
+def finish_output(output: str, index: CommitIndex, summary: JobSummary) -> None:
+    """Bring the commit index up to date and write `_failed.json` (or remove a previous run's)."""
+    index.try_flush()
+    if index.error:
+        print(f"tokenize: warning: the commit index is behind ({index.error}); the next run rebuilds it",
+              file=sys.stderr)  # fmt: skip
+    write_failed(output, summary.failure_list())
 
 
 def progress_bar(enabled: bool, total: int, initial: int) -> tqdm:
@@ -193,17 +225,24 @@ def progress_bar(enabled: bool, total: int, initial: int) -> tqdm:
 
 
 def _drain(
-    pool: ActorPool, todo: deque, settings: JobSettings, summary: JobSummary, bar: tqdm, t0: float
+    pool: ActorPool,
+    todo: deque,
+    settings: JobSettings,
+    summary: JobSummary,
+    bar: tqdm,
+    t0: float,
+    index: CommitIndex,
 ) -> None:
     """Run shards until none is queued or in flight, or the pool stalls; a failed attempt goes back to the
     front of the queue up to `retries` times, except an unreadable shard, which fails at once (its bytes
-    will not change). The shards a lost actor held come back at once, for the actors left to take."""
+    will not change). The shards a lost actor held come back at once, for the actors left to take. Each
+    commit goes into the commit index."""
     attempts: Counter = Counter()
 
     def retry(url: str, err: str) -> None:
         attempts[url] += 1
         if attempts[url] > settings.retries:
-            summary.failed[shard_stem(url)] = err
+            summary.fail(url, err, attempts[url])
         else:
             summary.retried += 1
             summary.retried_shards[shard_stem(url)] = err
@@ -225,11 +264,12 @@ def _drain(
                 cause = e.cause if getattr(e, "cause", None) is not None else e
                 error = f"{type(cause).__name__}: {str(cause).splitlines()[-1][:300]}"
                 if isinstance(cause, ShardUnreadable):
-                    summary.failed[shard_stem(attempt.url)] = error
+                    summary.fail(attempt.url, error, attempts[attempt.url] + 1)
                 else:
                     retry(attempt.url, error)
             else:
                 summary.add(record)
+                index.add(record)
                 bar.update(1)
         pool.feed(todo)
         _actors(pool, summary, t0)

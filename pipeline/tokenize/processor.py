@@ -30,7 +30,7 @@ from pipeline.data.views import describe as describe_views
 from pipeline.io import write_atomic
 from pipeline.memory import peak_rss_mib
 from pipeline.tokens.records import CommitRecord, Provenance, token_url, write_manifest
-from pipeline.tokens.writer import parquet_bytes, token_table
+from pipeline.tokens.writer import parquet_bytes, row_groups_of, token_table
 
 ENCODER_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 # Precisions whose tokens depend on which images share an encoder batch: bf16 kernels block their
@@ -316,6 +316,7 @@ class ShardTokenizer:
             worker={"pid": os.getpid(), "device": str(self.device), "peak_rss_mib": peak_rss_mib()},
             committed_at=time.time(),
             fingerprints=self.provenance.fingerprints(),
+            row_groups=row_groups_of(data),
         ).to_dict()
         write_manifest(output, result.stem, record)
         return record

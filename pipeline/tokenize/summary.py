@@ -6,6 +6,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pipeline.data.samples import TAR_TRUNCATED
+from pipeline.data.shards import shard_stem
+
+FAILED_NAMED = 20  # failed shards named in the summary; all of them are in the failure file
 
 
 @dataclass
@@ -14,6 +17,8 @@ class JobSummary:
     committed_before: int = 0
     committed_now: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # stem -> last error
+    failed_at: dict[str, tuple[str, int]] = field(default_factory=dict)  # stem -> (URL, attempts)
+    failed_file: str = ""  # where the run lists its failed shards (DIR/_failed.json)
     rows: int = 0
     encoded: int = 0  # images encoded as reported while shards run (retried shards count again)
     skipped: Counter = field(default_factory=Counter)  # reason -> samples without a row, this run's shards
@@ -35,6 +40,19 @@ class JobSummary:
     @property
     def exit_code(self) -> int:
         return 1 if self.failed or self.stopped else 0
+
+    def fail(self, url: str, error: str, attempts: int) -> None:
+        """A shard given up on: not committed, its samples not in the output."""
+        self.failed[shard_stem(url)] = error
+        self.failed_at[shard_stem(url)] = (url, attempts)
+
+    def failure_list(self) -> list[dict]:
+        """The failed shards as the failure file lists them: URL, stem, last error, attempts made."""
+        out = []
+        for stem, error in self.failed.items():
+            url, attempts = self.failed_at.get(stem, (stem, 1))
+            out.append({"url": url, "stem": stem, "error": error, "attempts": attempts})
+        return out
 
     def add(self, record: dict) -> None:
         """Count a shard's commit record."""
@@ -66,9 +84,16 @@ class JobSummary:
             lines.append(f"retries: {self.retried} shard attempts, {self.actor_restarts} actors replaced")
         lines += _capped("LOST", self.lost_actors)
         lines += _capped("RETRIED", [f"{stem} ({err})" for stem, err in self.retried_shards.items()])
-        for stem, err in self.failed.items():
+        failed = [
+            f"{stem}: not committed, its samples are not in the output ({err})"
+            for stem, err in self.failed.items()
+        ]
+        lines += _capped("FAILED", failed, FAILED_NAMED)
+        if failed:
+            where = f" in {self.failed_file}" if self.failed_file else ""
             lines.append(
-                f"FAILED {stem}: not committed, its samples are not in the output; rerun to retry ({err})"
+                f"failed shards: {len(failed)}, each listed{where} (url, error, attempts); "
+                "a rerun retries them and the other uncommitted shards"
             )
         if self.stopped:
             left = self.shards_total - self.committed_before - self.committed_now - len(self.failed)

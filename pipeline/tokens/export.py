@@ -33,8 +33,7 @@ import numpy as np
 from pipeline.tokens.reader import (
     WorkUnit,
     check_same_codebook,
-    list_token_files,
-    open_token_file,
+    open_token_files,
     read_unit,
     tokens_array,
 )
@@ -74,7 +73,7 @@ def export_flat(
     Files with different codebooks are refused (pipeline.tokens.reader.TokenFileMismatch)."""
     if offset < 0:
         raise ValueError(f"offset must be >= 0, got {offset}")
-    files = [open_token_file(u) for u in list_token_files(source)]
+    files = open_token_files(source)
     meta = check_same_codebook(files)
     if view is not None and not 0 <= view < min(f.views for f in files):
         raise ValueError(f"view {view}: the files have {min(f.views for f in files)} view(s) per sample")

@@ -3,10 +3,13 @@
 A shard is committed when `DIR/_manifest/<stem>.json` exists; it is written only after the shard's Parquet
 file is in place, so a job killed at any moment and started again redoes exactly the uncommitted shards.
 `DIR/_run.json` pins the model, codebook and preprocessing: a later run with different ones is refused.
+`DIR/_failed.json` lists the shards the last run could not commit. The commit index that lets a resume
+skip reading every record is pipeline.tokens.index.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 from collections import Counter
@@ -21,6 +24,7 @@ from pipeline.io import join, read_json, remove_temporaries, write_atomic
 
 MANIFEST_DIR = "_manifest"
 RUN_FILE = "_run.json"
+FAILED_FILE = "_failed.json"  # the shards the last run could not commit: url, error, attempts
 # Run settings that change the tokens: a run into an existing DIR must agree on all of them.
 IDENTITY_FIELDS = ("model_sha256", "codebook_fingerprint", "quantizer", "image_size", "preprocessing")
 
@@ -114,6 +118,7 @@ class CommitRecord:
     worker: dict  # pid, device, peak RSS
     committed_at: float
     fingerprints: dict = field(default_factory=dict)  # Provenance.fingerprints()
+    row_groups: list[int] | None = None  # rows per row group of the token file (readers plan from these)
 
     def to_dict(self) -> dict:
         record = asdict(self)
@@ -187,6 +192,26 @@ def write_run(output: str, run: dict) -> None:
     write_atomic(join(output, RUN_FILE), json.dumps(run, indent=1, sort_keys=True).encode())
 
 
+def write_failed(output: str, failed: list[dict]) -> None:
+    """`DIR/_failed.json`: each shard the run could not commit (url, stem, error, attempts), or no file when
+    every shard was committed. A rerun retries them (they are uncommitted) with the never-run ones."""
+    url = join(output, FAILED_FILE)
+    if failed:
+        write_atomic(url, json.dumps({"failed": failed}, indent=1).encode())
+        return
+    fs, path = fsspec.core.url_to_fs(url)
+    with contextlib.suppress(FileNotFoundError):  # one DELETE on an object store, absent or not
+        fs.rm_file(path)
+
+
+def read_failed(output: str) -> list[dict]:
+    """The failures `_failed.json` records (none when it is absent or unreadable: it only informs)."""
+    try:
+        return list((read_json(join(output, FAILED_FILE)) or {}).get("failed", []))
+    except (OSError, ValueError):
+        return []
+
+
 def foreign_entries(output: str) -> list[str]:
     """Names in DIR when DIR holds something but no run record of ours (else []): files we did not write."""
     fs, path = fsspec.core.url_to_fs(output)
@@ -211,7 +236,8 @@ def clear_temporaries(output: str) -> list[str]:
 
 def clear_outputs(output: str) -> int:
     """Delete what earlier runs recorded as theirs in DIR: each committed shard's token file and commit
-    record, and the run record. Nothing else (files we did not write stay); the count deleted."""
+    record, the commit index, the failure list and the run record. Nothing else (files we did not write
+    stay); the count deleted."""
     fs, path = fsspec.core.url_to_fs(output)
     fs.invalidate_cache()
     if not fs.exists(path):
@@ -219,8 +245,11 @@ def clear_outputs(output: str) -> int:
     doomed = []
     for stem in sorted(committed_stems(output)):
         doomed += [token_url(output, stem), manifest_url(output, stem)]
-    doomed.append(join(output, RUN_FILE))
+    doomed += [join(output, RUN_FILE), join(output, FAILED_FILE)]
     doomed = [p for p in (fsspec.core.url_to_fs(u)[1] for u in doomed) if fs.exists(p)]
+    manifest = posixpath.join(path, MANIFEST_DIR)
+    if fs.exists(manifest):  # the commit index (pipeline.tokens.index), of the records deleted here
+        doomed += [p for p in fs.ls(manifest, detail=False) if posixpath.basename(p).startswith("_index-")]
     for p in doomed:
         fs.rm(p)
     return len(doomed)

@@ -87,3 +87,9 @@ def read_metadata(url: str) -> dict:
     if METADATA_KEY not in meta:
         raise ValueError(f"{url}: not a gq token file (no 'gq' metadata)")
     return json.loads(meta[METADATA_KEY])
+
+
+def row_groups_of(data: bytes) -> list[int]:
+    """Rows per row group of a Parquet file's bytes (its footer): what readers plan their splits from."""
+    meta = pq.ParquetFile(pa.BufferReader(data)).metadata
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
