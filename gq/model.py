@@ -14,6 +14,8 @@ from torch import nn
 from gq.networks import Decoder, Encoder, NetworkConfig
 from gq.quantizer import GaussianQuantizer, QuantizerConfig, clamp_logvar
 from gq.tdc import KLStats, TargetDivergenceConstraint, TDCConfig
+from gq.vit import BACKBONE as VIT
+from gq.vit import ViTConfig, ViTDecoder, ViTEncoder
 
 CONFIG_VERSION = 1
 
@@ -22,7 +24,7 @@ CONFIG_VERSION = 1
 class ModelConfig:
     """Everything needed to rebuild a GQ-VAE; saved into every checkpoint and token file."""
 
-    network: NetworkConfig  # encoder/decoder shape
+    network: NetworkConfig | ViTConfig  # encoder/decoder shape: the conv UNet, or the ViT
     quantizer: QuantizerConfig  # codebook recipe, groups, layout, rule, beta
     tdc: TDCConfig  # the KL term used in training (TDC or the plain-KL ablation)
     preset: str = ""  # the PRESETS name the network came from ("" for a custom one), for people reading
@@ -51,12 +53,22 @@ class ModelConfig:
         if version != CONFIG_VERSION:
             raise ValueError(f"model config version {version!r}; this gq builds version {CONFIG_VERSION}")
         return cls(
-            network=NetworkConfig.from_dict(data["network"]),
+            network=network_from_dict(data["network"]),
             quantizer=QuantizerConfig.from_dict(data["quantizer"]),
             tdc=TDCConfig.from_dict(data["tdc"]),
             preset=data.get("preset", ""),
             version=version,
         )
+
+
+def network_from_dict(data: dict) -> NetworkConfig | ViTConfig:
+    """A saved network config: a ViT's says `backbone: vit`; a UNet's (every older file) has no backbone."""
+    return ViTConfig.from_dict(data) if data.get("backbone") == VIT else NetworkConfig.from_dict(data)
+
+
+def fixed_image_size(config: ModelConfig) -> int | None:
+    """The one image side the model takes (a ViT's learned positions fix it); None: any multiple of f."""
+    return config.network.image_size if isinstance(config.network, ViTConfig) else None
 
 
 @dataclass(frozen=True)
@@ -104,8 +116,9 @@ class GQVAE(nn.Module):
         super().__init__()
         self.config = config
         c = config.latent_channels
-        self.encoder = Encoder(config.network, c)
-        self.decoder = Decoder(config.network, c)
+        vit = isinstance(config.network, ViTConfig)
+        self.encoder = (ViTEncoder if vit else Encoder)(config.network, c)
+        self.decoder = (ViTDecoder if vit else Decoder)(config.network, c)
         self.quantizer = GaussianQuantizer.from_config(config.quantizer)
         self.tdc = TargetDivergenceConstraint(config.tdc)
         self.checkpoint_sha256: str | None = None  # sha256 of the file loaded (token files cite it)
