@@ -20,14 +20,15 @@ import startup  # noqa: F401  (first: the jobs' shared start-up, jobs/startup.py
 
 # isort: split
 import argparse
-import math
 import os
 import sys
 
 import fsspec
 
 import gq
+from gq.model import fixed_image_size
 from gq.official import from_official, save_official
+from gq.presets import describe_point
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,14 +68,15 @@ def _refuse_bad_paths(inputs: list[str], outputs: list[str], force: bool) -> Non
 
 
 def describe(model: gq.GQVAE) -> str:
-    """One line of what the model is: network size, tokens and bits per pixel at 256x256."""
+    """One line of what the model is: network size, tokens and bits per pixel at its native size."""
     q = model.config.quantizer
-    tokens = (256 // model.downsample) ** 2 * q.groups
+    side = fixed_image_size(model.config) or 256
+    point = describe_point(model.config, side)
     params = sum(p.numel() for p in model.parameters())
     return (
         f"{params:,} parameters, f{model.downsample}, {q.groups} group(s) of d={q.codebook.dim}, "
-        f"K={q.codebook.size}, {q.layout}: {tokens} tokens per 256x256 image, "
-        f"{tokens * math.log2(q.codebook.size) / 256**2:.4g} bpp"
+        f"K={q.codebook.size}, {q.layout}: {point['tokens']} tokens per {side}x{side} image, "
+        f"{point['bpp']:.4g} bpp"
     )
 
 
