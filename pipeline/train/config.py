@@ -30,12 +30,8 @@ class ModelSettings:
 
     preset: str  # network preset (gq.PRESETS)
     bpp: float | None = None  # operating point by bits per pixel (f8c16 presets: 0.25, 0.5 or 1.0)
-    tokens: int | None = (
-        None  # or by tokens per image at the preset's native size (256: 1024 for f8, 256 for f16)
-    )
-    bits: int | None = (
-        None  # and bits per token (K = 2^bits); none of the three: one token per position, K = 2^C
-    )
+    tokens: int | None = None  # or by tokens per image at the native size (256px: f8 1024, f16 256)
+    bits: int | None = None  # and bits per token (K = 2^bits); none: a token per position, K = 2^C
     kl_mode: str = "tdc"  # "tdc", or "kl" for the plain Gaussian-VAE KL (ablation)
     kl_weight: float = 1.0  # weight of the KL term (the released checkpoints: 1.0; the configs: 0.1)
 
