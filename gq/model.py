@@ -1,4 +1,4 @@
-"""The GQ-VAE: a Gaussian VAE (conv encoder/decoder) whose posterior is turned into tokens by Gaussian Quant.
+"""The GQ-VAE: a Gaussian VAE (conv UNet or ViT) whose posterior is turned into tokens by Gaussian Quant.
 
 `tokenize` / `detokenize` are the tokenizer pair; `reconstruct` decodes the posterior mean (the continuous
 VAE); `forward` is the training pass (decode of the reparameterised sample, plus the TDC or KL term).
