@@ -191,3 +191,16 @@ def test_tokenize_job_follows_the_vit_size(tmp_path, model):
     assert done.returncode == 0, done.stderr[-3000:]
     table = pq.read_table(tmp_path / "t" / "photos-000000.parquet")
     assert len(table["tokens"][0]) == 4 * 4 * 4  # (4, 4, G = 4) per 32x32 crop
+
+
+def test_training_pass_reaches_every_parameter(expected):
+    """GQVAE.forward on a ViT: the sampled latent decoded, the TDC term over (B, C, h, w); every parameter
+    (positions included) gets a gradient, and the GAN's last layer is the patch projection `conv_out`."""
+    model = from_official(CKPT, YAML).train()
+    out = model(expected["images"], generator=torch.Generator().manual_seed(0))
+    assert out.recon.shape == (2, 3, 32, 32) and out.mu.shape == (2, 16, 4, 4)
+    assert out.kl_stats.count.item() == 2 * 4 * 4 * 4
+    ((out.recon - expected["images"]).abs().mean() + out.kl_loss).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+    assert model.decoder.conv_out.weight.shape == (3 * 8 * 8, 3072)
