@@ -212,6 +212,28 @@ def _regularizer(reg: dict, z_channels: int, where: str, fmt: str = "bchw") -> t
     return quantizer, tdc
 
 
+def _unet_from_official(encoder: dict, decoder: dict) -> tuple[NetworkConfig, int]:
+    """The UNet's encoder and decoder configs -> (NetworkConfig, z_channels)."""
+    _require(
+        _get(encoder, "target", "model.params.encoder_config"), ENCODER, "model.params.encoder_config.target"
+    )
+    _require(
+        _get(decoder, "target", "model.params.decoder_config"), DECODER, "model.params.decoder_config.target"
+    )
+    enc = _get(encoder, "params", "model.params.encoder_config")
+    dec = _get(decoder, "params", "model.params.decoder_config")
+    for name in SHARED_FIELDS:
+        if name in enc and dec.get(name) != enc[name]:
+            raise CheckpointError(
+                f"config: model.params.decoder_config.params.{name} = {dec.get(name)!r} differs from the "
+                f"encoder's {enc[name]!r}; this version builds one shape for both"
+            )
+    network = network_from_official(enc, "model.params.encoder_config.params")
+    network_from_official(dec | {"double_z": True}, "model.params.decoder_config.params")  # its own checks
+    z_channels = int(_get(enc, "z_channels", "model.params.encoder_config.params"))
+    return network, z_channels
+
+
 def model_config_from_official(config: str | dict) -> ModelConfig:
     """An official YAML (path, URL or parsed dict) -> our ModelConfig; CheckpointError names a bad field."""
     cfg = read_config(config)
@@ -245,28 +267,6 @@ def model_config_from_official(config: str | dict) -> ModelConfig:
         **tdc,
     )
     return ModelConfig(network=network, quantizer=quantizer, tdc=tdc_config, preset="")
-
-
-def _unet_from_official(encoder: dict, decoder: dict) -> tuple[NetworkConfig, int]:
-    """The UNet's encoder and decoder configs -> (NetworkConfig, z_channels)."""
-    _require(
-        _get(encoder, "target", "model.params.encoder_config"), ENCODER, "model.params.encoder_config.target"
-    )
-    _require(
-        _get(decoder, "target", "model.params.decoder_config"), DECODER, "model.params.decoder_config.target"
-    )
-    enc = _get(encoder, "params", "model.params.encoder_config")
-    dec = _get(decoder, "params", "model.params.decoder_config")
-    for name in SHARED_FIELDS:
-        if name in enc and dec.get(name) != enc[name]:
-            raise CheckpointError(
-                f"config: model.params.decoder_config.params.{name} = {dec.get(name)!r} differs from the "
-                f"encoder's {enc[name]!r}; this version builds one shape for both"
-            )
-    network = network_from_official(enc, "model.params.encoder_config.params")
-    network_from_official(dec | {"double_z": True}, "model.params.decoder_config.params")  # its own checks
-    z_channels = int(_get(enc, "z_channels", "model.params.encoder_config.params"))
-    return network, z_channels
 
 
 # --- tensor names ---------------------------------------------------------------------------------------
