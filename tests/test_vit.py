@@ -1,6 +1,7 @@
 """The ViT backbone: the official ViT's own outputs (tests/fixtures/official-gq/official-vit-a.*) are the
 oracle; its export is bit for bit; the paper preset is the official BSQ-ViT-B; its image size is fixed."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -204,3 +205,18 @@ def test_training_pass_reaches_every_parameter(expected):
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
     assert model.decoder.conv_out.weight.shape == (3 * 8 * 8, 3072)
+
+
+def test_evaluate_job_follows_the_vit_size(tmp_path, model, capsys):
+    """jobs/evaluate.py without --image-size evaluates at the ViT's 32 px; another size is exit 2."""
+    from jobs import evaluate
+
+    ours = tmp_path / "vit.safetensors"
+    gq.save(model, str(ours), model.provenance)
+    shard = str(REPO / "assets" / "samples" / "photos-000000.tar")
+    base = ["--checkpoint", str(ours), "--data", shard, "--no-progress", "--decode-threads", "0"]
+    assert evaluate.main([*base, "--output", str(tmp_path / "bad"), "--image-size", "64"]) == 2
+    assert "this model takes 32x32 images only" in capsys.readouterr().err
+    assert evaluate.main([*base, "--output", str(tmp_path / "r"), "--batch-size", "4"]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["images"] == 8 and report["rate"]["bits_per_pixel"] == 64 * 10 / 32**2
