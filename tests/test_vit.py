@@ -123,6 +123,7 @@ def test_convert_job_round_trip(tmp_path, model, official_state):
     assert model_config_from_official(config) == model.config
 
 
+@pytest.mark.slow  # 175M parameters built twice
 def test_paper_vit_preset_is_the_official_bsqvit_and_round_trips():
     torch.manual_seed(0)
     model = gq.GQVAE(gq.model_config("paper-vit-f8c16", 0.25))
