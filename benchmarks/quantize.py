@@ -3,11 +3,12 @@ the arithmetic floor, all measured in one run; a grid of shapes, rules and ISAs;
 
 Run: `python benchmarks/quantize.py [--json out.json]` (or `make bench`). Headline shape, one 256x256
 image at 0.25 bpp: n = 1024 queries, K = 2^16, d = 16, posterior rule. The grid: n in {1024, 16384},
-both rules, d in {4, 8, 16}, `nearest_code` with the fused kernel (each ISA this CPU runs) and the tiled
-path, and the share of queries the kernel cannot certify (they take the float64 finish). The floor is
-2 * n * K * m FLOPs (m = 2d posterior, d + 1 mean: the features of kernels/rules.py) at the float32
-rate of a 4096^2 matrix product measured in the same run (the faster of a measurement before and one
-after the grid, so the floor is the stricter one).
+both rules, d in {4, 8, 14, 16, 18} (14 and 18: the 256-token presets' groups), `nearest_code` with
+the fused kernel (each ISA this CPU runs) and the tiled path, and the share of queries the kernel
+cannot certify (they take the float64 finish). The floor is 2 * n * K * m FLOPs (m = 2d posterior,
+d + 1 mean: the features of kernels/rules.py) at the float32 rate of a 4096^2 matrix product measured
+in the same run (the faster of a measurement before and one after the grid, so the floor is the
+stricter one).
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-reps", type=int, default=2, help="timed repetitions of the reference path")
     p.add_argument("--memory-n", type=int, nargs="*", default=[1024, 16384, 262144], help="n for memory")
     p.add_argument("--grid-n", type=int, nargs="*", default=[1024, 16384], help="n of the grid (none: skip)")
-    p.add_argument("--grid-d", type=int, nargs="*", default=[4, 8, 16], help="d of the grid")
+    p.add_argument("--grid-d", type=int, nargs="*", default=[4, 8, 14, 16, 18], help="d of the grid")
     p.add_argument("--grid-reps", type=int, default=10, help="timed repetitions per grid cell at n <= 4096")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)

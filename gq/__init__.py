@@ -11,10 +11,11 @@ from gq.layout import LAYOUTS, merge_groups, split_groups
 from gq.model import GQVAE, ModelConfig, ModelIdentity
 from gq.networks import NetworkConfig
 from gq.official import from_official, save_official, to_official_config, to_official_state
-from gq.presets import OPERATING_POINTS, PRESETS, model_config
+from gq.presets import OPERATING_POINTS, PRESETS, model_config, operating_point
 from gq.quantizer import LOGVAR_RANGE, GaussianQuantizer, QuantizerConfig, dequantize, quantize
 from gq.tdc import KLStats, TargetDivergenceConstraint, TDCConfig, kl_bits
 from gq.version import __version__  # noqa: F401 (gq.__version__)
+from gq.vit import ViTConfig
 
 __all__ = [
     "GQVAE",
@@ -32,8 +33,10 @@ __all__ = [
     "ModelConfig",
     "ModelIdentity",
     "NetworkConfig",
+    "ViTConfig",
     "load",
     "model_config",
+    "operating_point",
     "save",
     "LOGVAR_RANGE",
     "CodebookSpec",

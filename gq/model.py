@@ -1,4 +1,4 @@
-"""The GQ-VAE: a Gaussian VAE (conv encoder/decoder) whose posterior is turned into tokens by Gaussian Quant.
+"""The GQ-VAE: a Gaussian VAE (conv UNet or ViT) whose posterior is turned into tokens by Gaussian Quant.
 
 `tokenize` / `detokenize` are the tokenizer pair; `reconstruct` decodes the posterior mean (the continuous
 VAE); `forward` is the training pass (decode of the reparameterised sample, plus the TDC or KL term).
@@ -15,6 +15,8 @@ from gq.calibration import Calibration, denormalize, normalize
 from gq.networks import Decoder, Encoder, NetworkConfig
 from gq.quantizer import GaussianQuantizer, QuantizerConfig, clamp_logvar
 from gq.tdc import KLStats, TargetDivergenceConstraint, TDCConfig
+from gq.vit import BACKBONE as VIT
+from gq.vit import ViTConfig, ViTDecoder, ViTEncoder
 
 CONFIG_VERSION = 1
 
@@ -23,7 +25,7 @@ CONFIG_VERSION = 1
 class ModelConfig:
     """Everything needed to rebuild a GQ-VAE; saved into every checkpoint and token file."""
 
-    network: NetworkConfig  # encoder/decoder shape
+    network: NetworkConfig | ViTConfig  # encoder/decoder shape: the conv UNet, or the ViT
     quantizer: QuantizerConfig  # codebook recipe, groups, layout, rule, beta
     tdc: TDCConfig  # the KL term used in training (TDC or the plain-KL ablation)
     preset: str = ""  # the PRESETS name the network came from ("" for a custom one), for people reading
@@ -57,13 +59,23 @@ class ModelConfig:
         if version != CONFIG_VERSION:
             raise ValueError(f"model config version {version!r}; this gq builds version {CONFIG_VERSION}")
         return cls(
-            network=NetworkConfig.from_dict(data["network"]),
+            network=network_from_dict(data["network"]),
             quantizer=QuantizerConfig.from_dict(data["quantizer"]),
             tdc=TDCConfig.from_dict(data["tdc"]),
             preset=data.get("preset", ""),
             version=version,
             calibration=Calibration.from_dict(data["calibration"]) if data.get("calibration") else None,
         )
+
+
+def network_from_dict(data: dict) -> NetworkConfig | ViTConfig:
+    """A saved network config: a ViT's says `backbone: vit`; a UNet's (every older file) has no backbone."""
+    return ViTConfig.from_dict(data) if data.get("backbone") == VIT else NetworkConfig.from_dict(data)
+
+
+def fixed_image_size(config: ModelConfig) -> int | None:
+    """The one image side the model takes (a ViT's learned positions fix it); None: any multiple of f."""
+    return config.network.image_size if isinstance(config.network, ViTConfig) else None
 
 
 @dataclass(frozen=True)
@@ -111,8 +123,9 @@ class GQVAE(nn.Module):
         super().__init__()
         self.config = config
         c = config.latent_channels
-        self.encoder = Encoder(config.network, c)
-        self.decoder = Decoder(config.network, c)
+        vit = isinstance(config.network, ViTConfig)
+        self.encoder = (ViTEncoder if vit else Encoder)(config.network, c)
+        self.decoder = (ViTDecoder if vit else Decoder)(config.network, c)
         self.quantizer = GaussianQuantizer.from_config(config.quantizer)
         self.tdc = TargetDivergenceConstraint(config.tdc)
         self.calibrated = config.calibration is not None

@@ -27,6 +27,7 @@ from gq.codebook import CodebookSpec
 from gq.model import GQVAE, ModelConfig
 from gq.networks import NetworkConfig
 from gq.official_shapes import check_before_building
+from gq.official_vit import VIT_ENCODER, vit_from_official, vit_to_official
 from gq.official_yaml import check_config_values, load_config, read_config_text, resolve_interpolations
 from gq.quantizer import LOGVAR_RANGE, QuantizerConfig
 from gq.state_map import load_mapped_state
@@ -34,6 +35,7 @@ from gq.storage import write_atomic
 from gq.tdc import TDCConfig
 from gq.unpickler import load_checkpoint
 from gq.version import __version__
+from gq.vit import ViTConfig
 
 CONVERTER_VERSION = 1  # bumped when the translation of a config or of a tensor name changes
 ENGINE = "pit.models.autoencoder.AutoencodingEngine"
@@ -179,14 +181,19 @@ def network_from_official(params: dict, where: str) -> NetworkConfig:
         raise CheckpointError(f"config: {where}: {e}") from None
 
 
-def _regularizer(reg: dict, z_channels: int, where: str) -> tuple[QuantizerConfig, dict]:
-    """The regularizer config -> (QuantizerConfig, TDC settings)."""
+def _regularizer(reg: dict, z_channels: int, where: str, fmt: str = "bchw") -> tuple[QuantizerConfig, dict]:
+    """The regularizer config -> (QuantizerConfig, TDC settings); `fmt` is the backbone's latent layout
+    (a UNet's "bchw", a ViT's "blc")."""
     target = _get(reg, "target", where)
     params = dict(reg.get("params") or {})
     if target == REGULARIZER:
         layout, dim_key, size_key = "interleaved", "group", "n_samples"
         known = {"format", "n_samples", "group", "logvar_range", "tolerance", "lam_factor", "seed", "beta"}
-        _require(params.get("format", "bchw"), "bchw", f"{where}.params.format")
+        _require(params.get("format", "bchw"), fmt, f"{where}.params.format")
+    elif target == REGULARIZER2 and fmt == "blc":
+        raise CheckpointError(
+            f"config: {where}.target = {target!r}: this version builds the ViT with {REGULARIZER}"
+        )
     elif target == REGULARIZER2:
         layout, dim_key, size_key = "contiguous", "dim", "codebook_size"
         known = {"dim", "codebook_size", "dim_idx", "logvar_range", "tolerance", "lam_factor", "seed", "beta",
@@ -225,19 +232,8 @@ def _regularizer(reg: dict, z_channels: int, where: str) -> tuple[QuantizerConfi
     return quantizer, tdc
 
 
-@_config_errors
-def model_config_from_official(config: str | dict) -> ModelConfig:
-    """An official YAML (path, URL or parsed dict) -> our ModelConfig; CheckpointError names a bad field."""
-    cfg = read_config(config)
-    _check_mappings(cfg)
-    params = _get(_get(cfg, "model", "config"), "params", "model")
-    for name, value in ENGINE_FIXED.items():
-        if name in params:
-            _require(params[name], value, f"model.params.{name}")
-    if params.get("clamp_range") not in (None, [-1, 1], [-1.0, 1.0]):
-        _require(params["clamp_range"], [-1, 1], "model.params.clamp_range")
-    encoder = _get(params, "encoder_config", "model.params")
-    decoder = _get(params, "decoder_config", "model.params")
+def _unet_from_official(encoder: dict, decoder: dict) -> tuple[NetworkConfig, int]:
+    """The UNet's encoder and decoder configs -> (NetworkConfig, z_channels)."""
     _require(
         _get(encoder, "target", "model.params.encoder_config"), ENCODER, "model.params.encoder_config.target"
     )
@@ -255,8 +251,34 @@ def model_config_from_official(config: str | dict) -> ModelConfig:
     network = network_from_official(enc, "model.params.encoder_config.params")
     network_from_official(dec | {"double_z": True}, "model.params.decoder_config.params")  # its own checks
     z_channels = int(_get(enc, "z_channels", "model.params.encoder_config.params"))
+    return network, z_channels
+
+
+@_config_errors
+def model_config_from_official(config: str | dict) -> ModelConfig:
+    """An official YAML (path, URL or parsed dict) -> our ModelConfig; CheckpointError names a bad field."""
+    cfg = read_config(config)
+    _check_mappings(cfg)
+    params = _get(_get(cfg, "model", "config"), "params", "model")
+    for name, value in ENGINE_FIXED.items():
+        if name in params:
+            _require(params[name], value, f"model.params.{name}")
+    if params.get("clamp_range") not in (None, [-1, 1], [-1.0, 1.0]):
+        _require(params["clamp_range"], [-1, 1], "model.params.clamp_range")
+    encoder = _get(params, "encoder_config", "model.params")
+    decoder = _get(params, "decoder_config", "model.params")
+    if _get(encoder, "target", "model.params.encoder_config") == VIT_ENCODER:
+        network, z_channels = vit_from_official(
+            _get(encoder, "params", "model.params.encoder_config"),
+            _get(decoder, "params", "model.params.decoder_config"),
+            _get(decoder, "target", "model.params.decoder_config"),
+        )
+        fmt = "blc"
+    else:
+        network, z_channels = _unet_from_official(encoder, decoder)
+        fmt = "bchw"
     quantizer, tdc = _regularizer(
-        _get(params, "regularizer_config", "model.params"), z_channels, "model.params.regularizer_config"
+        _get(params, "regularizer_config", "model.params"), z_channels, "model.params.regularizer_config", fmt
     )
     weights = (params.get("loss_config") or {}).get("params", {}).get("regularization_weights") or {}
     tdc_config = TDCConfig(
@@ -298,6 +320,8 @@ def _official_name(name: str, levels: int) -> str:
 
 def official_names(model: GQVAE) -> dict[str, tuple[str, ...]]:
     """Each encoder/decoder tensor of ours -> its official name(s); a fused qkv is three (q, k, v)."""
+    if isinstance(model.config.network, ViTConfig):  # gq/vit.py uses the official names
+        return {name: (name,) for name in model.state_dict() if name.startswith(("encoder.", "decoder."))}
     if model.config.network.mid_attention:
         raise CheckpointError("the official network has no middle attention (mid_attention=True)")
     if model.config.network.quant_conv or model.config.network.post_quant_conv:
@@ -415,25 +439,13 @@ def to_official_config(model: GQVAE, resolution: int | None = None) -> dict:
     if q.rule != "posterior":
         raise CheckpointError(f"the official code tokenizes only by the posterior rule (rule {q.rule!r})")
     source = model.provenance.get("official", {}).get("config", {})
-    enc_source = source.get("params", {}).get("encoder_config", {}).get("params", {})
-    resolution = int(resolution or enc_source.get("resolution") or 256)
-    levels = len(net.ch_mult)
-    if resolution % 2 ** (levels - 1):
-        raise CheckpointError(f"resolution {resolution} does not halve {levels - 1} times exactly")
-    official_names(model)  # refuses networks the official code cannot build
-    encoder = {
-        "attn_type": "vanilla",
-        "double_z": True,
-        "z_channels": c.latent_channels,
-        "resolution": resolution,
-        "in_channels": net.in_channels,
-        "out_ch": net.in_channels,
-        "ch": net.ch,
-        "ch_mult": list(net.ch_mult),
-        "num_res_blocks": net.num_res_blocks,
-        "attn_resolutions": [resolution // 2**i for i in net.attn_levels],
-        "dropout": net.dropout,
-    }
+    vit = isinstance(net, ViTConfig)
+    if vit and q.layout != "interleaved":
+        raise CheckpointError("the official ViT configs group channels interleaved (layout 'contiguous')")
+    if vit:
+        encoder, decoder = vit_to_official(net, c.latent_channels, DECODER_PARAMS)
+    else:
+        encoder, decoder = _unet_to_official(model, source, resolution)
     common = {
         "seed": q.codebook.seed,
         "beta": q.beta,
@@ -443,7 +455,12 @@ def to_official_config(model: GQVAE, resolution: int | None = None) -> dict:
     if q.layout == "interleaved":
         reg = {
             "target": REGULARIZER,
-            "params": {"format": "bchw", "group": q.codebook.dim, "n_samples": q.codebook.size} | common,
+            "params": {
+                "format": "blc" if vit else "bchw",
+                "group": q.codebook.dim,
+                "n_samples": q.codebook.size,
+            }
+            | common,
         }
     else:
         reg = {
@@ -464,10 +481,35 @@ def to_official_config(model: GQVAE, resolution: int | None = None) -> dict:
         "input_key": "img",
         "loss_config": loss,
         "regularizer_config": reg,
-        "encoder_config": {"target": ENCODER, "params": encoder},
-        "decoder_config": {"target": DECODER, "params": DECODER_PARAMS},
+        "encoder_config": encoder,
+        "decoder_config": decoder,
     }
     return {"model": {"base_learning_rate": 1e-4, "target": ENGINE, "params": params}}
+
+
+def _unet_to_official(model: GQVAE, source: dict, resolution: int | None) -> tuple[dict, dict]:
+    """The UNet's (encoder_config, decoder_config); `resolution` places attention."""
+    c, net = model.config, model.config.network
+    enc_source = source.get("params", {}).get("encoder_config", {}).get("params", {})
+    resolution = int(resolution or enc_source.get("resolution") or 256)
+    levels = len(net.ch_mult)
+    if resolution % 2 ** (levels - 1):
+        raise CheckpointError(f"resolution {resolution} does not halve {levels - 1} times exactly")
+    official_names(model)  # refuses networks the official code cannot build
+    encoder = {
+        "attn_type": "vanilla",
+        "double_z": True,
+        "z_channels": c.latent_channels,
+        "resolution": resolution,
+        "in_channels": net.in_channels,
+        "out_ch": net.in_channels,
+        "ch": net.ch,
+        "ch_mult": list(net.ch_mult),
+        "num_res_blocks": net.num_res_blocks,
+        "attn_resolutions": [resolution // 2**i for i in net.attn_levels],
+        "dropout": net.dropout,
+    }
+    return {"target": ENCODER, "params": encoder}, {"target": DECODER, "params": DECODER_PARAMS}
 
 
 def save_official(model: GQVAE, checkpoint: str, config: str, resolution: int | None = None) -> None:

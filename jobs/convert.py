@@ -29,7 +29,6 @@ import startup  # noqa: F401  (first: the jobs' shared start-up, jobs/startup.py
 
 # isort: split
 import argparse
-import math
 import os
 import posixpath
 import sys
@@ -39,7 +38,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 import gq
 from gq.diffusers_vae import from_diffusers
+from gq.model import fixed_image_size
 from gq.official import from_official, save_official
+from gq.presets import describe_point
 from pipeline.data.shards import expand_shards
 from pipeline.evaluate.calibration import CalibrationError, calibrate
 from pipeline.evaluate.report import EvalSettings
@@ -121,14 +122,15 @@ def _refuse_bad_paths(inputs: list[str], outputs: list[str], force: bool) -> Non
 
 
 def describe(model: gq.GQVAE) -> str:
-    """One line of what the model is: network size, tokens and bits per pixel at 256x256."""
+    """One line of what the model is: network size, tokens and bits per pixel at its native size."""
     q = model.config.quantizer
-    tokens = (256 // model.downsample) ** 2 * q.groups
+    side = fixed_image_size(model.config) or 256
+    point = describe_point(model.config, side)
     params = sum(p.numel() for p in model.parameters())
     return (
         f"{params:,} parameters, f{model.downsample}, {q.groups} group(s) of d={q.codebook.dim}, "
-        f"K={q.codebook.size}, {q.layout}: {tokens} tokens per 256x256 image, "
-        f"{tokens * math.log2(q.codebook.size) / 256**2:.4g} bpp"
+        f"K={q.codebook.size}, {q.layout}: {point['tokens']} tokens per {side}x{side} image, "
+        f"{point['bpp']:.4g} bpp"
     )
 
 

@@ -22,6 +22,7 @@ import sys
 
 import gq
 from gq.audit import ReadinessAudit
+from gq.model import fixed_image_size
 from pipeline.data.decode import add_limit_arguments, limits_from_args
 from pipeline.data.shards import expand_shards
 from pipeline.evaluate.audit import build_audit, write_audit
@@ -42,7 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="GQ rule to score (default: the checkpoint's)",
     )
     # preprocessing and bad input (as jobs/tokenize.py)
-    p.add_argument("--image-size", type=int, default=256, help="shorter side resized to this, center crop")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="shorter side resized to this, center crop (default: the model's own size for a ViT, else 256)",
+    )
     add_limit_arguments(p)
     # throughput
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
@@ -53,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--audit", action="store_true", help="also write the readiness audit (jobs/audit.py)")
     args = p.parse_args(argv)
     for name in ("image_size", "batch_size", "min_side", "max_pixels", "max_member_bytes"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
@@ -64,8 +70,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        shards = expand_shards(args.data)
+        model = gq.load(args.checkpoint, map_location=args.device)
+        fixed = fixed_image_size(model.config)
+        size = args.image_size if args.image_size is not None else fixed or 256
+        if fixed is not None and size != fixed:
+            raise ValueError(f"--image-size {size}: this model takes {fixed}x{fixed} images only (a ViT)")
+        if size % model.downsample:
+            raise ValueError(f"--image-size must be a multiple of {model.downsample}, got {size}")
+    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError; a directory: OSError
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
     settings = EvalSettings(
-        image_size=args.image_size,
+        image_size=size,
         batch_size=args.batch_size,
         limit=args.limit,
         rule=args.rule,
@@ -73,14 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         decode_threads=args.decode_threads,
         examples=args.examples,
     )
-    try:
-        shards = expand_shards(args.data)
-        model = gq.load(args.checkpoint, map_location=args.device)
-        if args.image_size % model.downsample:
-            raise ValueError(f"--image-size must be a multiple of {model.downsample}, got {args.image_size}")
-    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError; a directory: OSError
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
     print(
         f"evaluate: {len(shards)} shards, model {str(model.checkpoint_sha256)[:12]} -> {args.output}",
         flush=True,

@@ -19,6 +19,8 @@ import argparse
 import contextlib
 import sys
 
+import gq
+from gq.model import fixed_image_size
 from pipeline.data.decode import add_limit_arguments, limits_from_args
 from pipeline.data.extras import check_keep
 from pipeline.data.views import VIEW_SETS
@@ -48,7 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write into a DIR holding other files but no run record of this tool (they are never deleted)",
     )
     # preprocessing and bad input
-    p.add_argument("--image-size", type=int, default=256, help="shorter side resized to this, center crop")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="shorter side resized to this, center crop (default: the model's own size for a ViT, else 256)",
+    )
     p.add_argument(
         "--views",
         choices=list(VIEW_SETS),
@@ -103,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary still prints)")
     args = p.parse_args(argv)
+    if args.image_size is None:
+        args.image_size = default_image_size(args.checkpoint)
     for name in ("image_size", "batch_size", "actors", "min_side", "max_pixels", "max_member_bytes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -121,6 +130,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def default_image_size(checkpoint: str) -> int:
+    """The model's fixed image size (a ViT's), else 256; an unreadable checkpoint is reported by plan()."""
+    try:
+        return fixed_image_size(gq.describe(checkpoint).config) or 256
+    except (OSError, ValueError):
+        return 256
 
 
 def main(argv: list[str] | None = None) -> int:

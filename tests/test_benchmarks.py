@@ -64,6 +64,8 @@ def test_presets_benchmark_smoke(tmp_path):
     rows = {r["preset"]: r for r in result["rows"]}
     assert rows["paper-f8c16 (converted)"]["parameters"] == 35_325_856 + 51_648_771
     assert rows["small-f8c16"]["parameters"] < rows["paper-f8c16 (converted)"]["parameters"]
+    f16 = rows["small-f16c14"]  # at 64 px: 4 x 4 tokens of 14 bits
+    assert (f16["tokens"], f16["bits_per_token"], f16["bpp"]) == (16, 14, 16 * 14 / 64**2)
     for r in rows.values():
         assert r["encoder_ms"] > 0 and r["search_ms"] > 0
         assert abs(r["images_per_s"] - 1e3 / (r["encoder_ms"] + r["search_ms"])) < 1e-6 * r["images_per_s"]

@@ -82,7 +82,14 @@ def test_plan_rejects_bad_sizes():
 @needs_gxx
 @pytest.mark.parametrize(
     ("n", "k", "m", "bias", "sm"),
-    [(1, 1, 4, False, 1), (700, 333, 8, True, 1), (1500, 2500, 32, False, 8), (300, 1100, 128, False, 16)],
+    [
+        (1, 1, 4, False, 1),
+        (700, 333, 8, True, 1),
+        (1500, 2500, 32, False, 8),
+        (300, 1100, 128, False, 16),
+        (500, 1200, 28, False, 4),
+        (400, 900, 36, False, 4),
+    ],  # m of the d = 14 and d = 18 posterior
 )
 def test_kernel_finds_best_and_second_of_every_split(host, n, k, m, bias, sm):
     g = np.random.default_rng(n + k + m)
@@ -257,7 +264,7 @@ def test_kernel_inputs_keep_the_rule_and_the_bound():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_every_planned_kernel_compiles_for_hopper_without_spills(tmp_path):
     names = set()
-    for d in (1, 4, 8, 16, 32, 64):
+    for d in (1, 4, 8, 14, 16, 18, 32, 64):
         for rule in ("posterior", "mean"):
             m, bias = padded_features(d, rule)
             names.add(plan_launch(262_144, 2**16, m, bias, sm_count=132).kernel_name)
@@ -294,7 +301,7 @@ def test_every_planned_kernel_compiles_for_hopper_without_spills(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [4, 8, 16])
+@pytest.mark.parametrize("d", [4, 8, 14, 16, 18])
 @pytest.mark.parametrize("log2k", [10, 16, 20])
 @pytest.mark.parametrize("rule", ["posterior", "mean"])
 def test_gpu_kernel_matches_float64_reference(d, log2k, rule):

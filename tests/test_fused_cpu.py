@@ -31,10 +31,11 @@ def isa(request, monkeypatch) -> str:
 
 
 @pytest.mark.parametrize("rule", ["posterior", "mean"])
-@pytest.mark.parametrize("d", [3, 4, 5, 8, 16])
+@pytest.mark.parametrize("d", [3, 4, 5, 8, 14, 16, 18])
 def test_kernel_matches_float64_reference(isa, rule, d):
-    # n and K are multiples of no block: rows per microkernel (4 or 8), lanes (8 or 16), tiles
-    k = {3: 3001, 4: 5003, 5: 4099, 8: 4097, 16: 2**12 + 7}[d]
+    # n and K are multiples of no block: rows per microkernel (4 or 8), lanes (8 or 16), tiles; d = 14
+    # and 18 are the 256-token presets' (2d = 28 and 36 features: no multiple of the lanes either)
+    k = {3: 3001, 4: 5003, 5: 4099, 8: 4097, 14: 2**12 + 3, 16: 2**12 + 7, 18: 2**12 + 5}[d]
     codes = GaussianCodebook(k, d).vectors
     mu, lv = random_queries(1001, d, seed=d, bits=12.0)
     assert fused_cpu.kernel_isa() == isa

@@ -22,6 +22,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 import gq
+from gq.model import fixed_image_size
 from pipeline.data.samples import ShardUnreadable
 from pipeline.data.shards import expand_shards_listed, identity_mismatch, listed_identities, shard_stem
 from pipeline.io import join
@@ -152,6 +153,12 @@ def plan(settings: JobSettings) -> tuple[list[str], dict]:
         raise ValueError(f"shards with the same name would write the same token file: {clashes[:5]}")
     opts = settings.options
     model = gq.describe(settings.checkpoint)
+    fixed = fixed_image_size(model.config)
+    if fixed is not None and opts.image_size != fixed:
+        raise ValueError(
+            f"--image-size {opts.image_size}: this model takes {fixed}x{fixed} images only (a ViT's "
+            f"positional embeddings fix its size); use --image-size {fixed}"
+        )
     provenance = Provenance(model, settings.checkpoint, opts.image_size, opts.preprocessing())
     run = provenance.run_record() | {
         "input": settings.input,

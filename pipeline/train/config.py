@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import gq
 from gq.losses import LossConfig
+from gq.model import fixed_image_size
 from gq.tdc import MODES
 
 
@@ -28,20 +29,22 @@ class ModelSettings:
     """What network is trained; a restart may not change these."""
 
     preset: str = ""  # network preset (gq.PRESETS); leave out with --init
-    bpp: float = 0.25  # operating point (gq.OPERATING_POINTS): 0.25, 0.5 or 1.0; not used with --init
+    bpp: float | None = None  # operating point by bits per pixel (f8c16 presets: 0.25, 0.5 or 1.0)
+    tokens: int | None = None  # or by tokens per image at the native size (256px: f8 1024, f16 256)
+    bits: int | None = None  # and bits per token (K = 2^bits); none: a token per position, K = 2^C
     kl_mode: str = "tdc"  # "tdc", or "kl" for the plain Gaussian-VAE KL (ablation)
     kl_weight: float = 1.0  # weight of the KL term (the released checkpoints: 1.0; the configs: 0.1)
     init: str | None = None  # warm start: a converted .safetensors (network, weights, point, calibration)
 
     def __post_init__(self) -> None:
-        if self.init and self.preset:
-            raise ValueError("give --preset or --init, not both (--init brings its own network)")
-        if not self.init and self.preset not in gq.PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(gq.PRESETS)}")
-        if self.bpp not in gq.OPERATING_POINTS:
+        if self.init and (self.preset or (self.bpp, self.tokens, self.bits) != (None, None, None)):
             raise ValueError(
-                f"unknown operating point {self.bpp}; choose one of {sorted(gq.OPERATING_POINTS)}"
+                "give --preset (and an operating point) or --init, not both (--init brings its own)"
             )
+        if not self.init:
+            gq.operating_point(
+                self.preset, self.bpp, self.tokens, self.bits
+            )  # ValueError names what is wrong
         if self.kl_mode not in MODES:
             raise ValueError(f"kl_mode must be one of {MODES}, got {self.kl_mode!r}")
         if self.kl_weight < 0:
@@ -53,7 +56,14 @@ class ModelSettings:
             config = gq.describe(self.init).config
             tdc = dataclasses.replace(config.tdc, mode=self.kl_mode, weight=self.kl_weight)
             return dataclasses.replace(config, tdc=tdc)
-        return gq.model_config(self.preset, self.bpp, kl_mode=self.kl_mode, kl_weight=self.kl_weight)
+        return gq.model_config(
+            self.preset,
+            self.bpp,
+            tokens=self.tokens,
+            bits=self.bits,
+            kl_mode=self.kl_mode,
+            kl_weight=self.kl_weight,
+        )
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,7 @@ class DataSettings:
 
     data: str  # training SHARDS (brace pattern, glob, directory, .txt list; fsspec URLs)
     val_data: str | None = None  # validation SHARDS (center crops); None: no validation metrics
-    image_size: int = 256  # training crops are image_size x image_size (a multiple of 8)
+    image_size: int = 256  # training crops are image_size x image_size (a multiple of f; a ViT: its own size)
     batch_size: int = 16  # images per worker per step (the reference: 16 per GPU)
     val_images: int = 256  # validation images used (the first ones of val_data)
     decode_threads: int = 2  # image-decoding threads per worker
@@ -141,6 +151,14 @@ class TrainSettings:
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     seed: int = 0  # model init, data order, crops and noise
+
+    def __post_init__(self) -> None:
+        config, size = self.model_config(), self.inputs.image_size
+        fixed, f = fixed_image_size(config), config.network.downsample
+        if fixed is not None and size != fixed:
+            raise ValueError(f"{self.model.preset} takes {fixed}x{fixed} images only, got image_size {size}")
+        if size % f:
+            raise ValueError(f"image_size {size} is not a multiple of {self.model.preset}'s downsampling {f}")
 
     def to_dict(self) -> dict:
         return asdict(self)

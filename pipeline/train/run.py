@@ -52,7 +52,7 @@ from pipeline.train.config import TrainSettings
 from pipeline.train.loop import train_loop_per_worker
 
 EXPERIMENT = "ray_train"  # Ray Train's run name: its storage is DIR/ray_train
-MODEL_KEYS = ("preset", "bpp", "kl_mode", "init")  # ModelSettings fields a restart may not change
+MODEL_KEYS = ("preset", "kl_mode", "init")  # ModelSettings fields a restart may not change (nor the point)
 # Ray Train's wait for a worker group's placement group (default 60 s, then retried without limit); the
 # driver's value is handed on to its controller.
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -261,9 +261,15 @@ def write_run_json(out: Path, settings: TrainSettings, commit: str | None) -> No
     if path.exists():
         previous = json.loads(path.read_text())
         before = TrainSettings.from_dict(previous["settings"]).model  # flat or by component
-        changed = [k for k in MODEL_KEYS if getattr(before, k) != getattr(settings.model, k)]
+        changed = [
+            f"{k}={getattr(before, k)!r}"
+            for k in MODEL_KEYS
+            if getattr(before, k) != getattr(settings.model, k)
+        ]
+        if before.model_config().quantizer != settings.model_config().quantizer:  # bpp=0.25 is tokens=1024
+            changed += [f"{k}={getattr(before, k)!r}" for k in ("bpp", "tokens", "bits")]
         if changed:
-            was = ", ".join(f"{k}={getattr(before, k)!r}" for k in changed)
+            was = ", ".join(changed)
             raise ValueError(f"{out} holds a run with {was}; use another --output to train a different model")
         starts = previous.get("starts", [])
     starts.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": commit})
