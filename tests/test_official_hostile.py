@@ -148,7 +148,7 @@ def test_config_is_checked_against_the_checkpoint_before_building(monkeypatch, f
     def never(*args, **kwargs):
         raise AssertionError("the network was built before the checkpoint's shapes were checked")
 
-    monkeypatch.setattr(gq.official, "GQVAE", never)
+    monkeypatch.setattr(gq.official.checkpoint, "GQVAE", never)
     with pytest.raises(CheckpointError, match=message):
         from_official(CKPT, _edited(_both(**fields)))
 
@@ -327,7 +327,7 @@ def test_unpickler_resolves_an_allow_list_and_imports_nothing(tmp_path):
     script = textwrap.dedent(f"""
         import json, sys
         from pathlib import Path
-        from gq.unpickler import Inert, load_checkpoint
+        from gq.official.unpickler import Inert, load_checkpoint
         lazy = ["torch._dynamo", "torch._inductor", "torch.onnx"]
         before = [m for m in lazy if m in sys.modules]
         obj, skipped = load_checkpoint(Path({path!r}).read_bytes())

@@ -6,7 +6,7 @@ with `RestrictedUnpickler`, which builds tensors, containers and primitives and 
 into an inert placeholder class, never imported and never called, so the weights come out and the
 file's foreign objects stay dead data. The placeholders' names are returned, for the provenance. Only
 the objects listed in `_ALLOWED` are resolved, by a dictionary lookup that imports nothing. Before either
-read, a zip checkpoint's members are checked against their CRC-32 (`gq.zip_crc`).
+read, a zip checkpoint's members are checked against their CRC-32 (`gq.official.zip_crc`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from gq.zip_crc import verify_zip_crc
+from gq.official.zip_crc import verify_zip_crc
 
 # The globals a state_dict needs, and nothing that can reach the file system, a shell or an import.
 _ALLOWED: dict[tuple[str, str], Any] = {

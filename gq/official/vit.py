@@ -1,5 +1,5 @@
 """The reference's ViT backbone in its YAML: `pit.modules.vit.TransformerEncoder` / `TransformerDecoder`
-params <-> our ViTConfig (the `bsqvit_gq_*` configs). gq/official.py calls these for a ViT config.
+params <-> our ViTConfig (the `bsqvit_gq_*` configs). gq/official/ calls these for a ViT config.
 
 The tensor names need no translation: gq/vit.py names its parameters as the reference does.
 """
