@@ -16,11 +16,13 @@ run again to complete), 2 bad arguments or input.
 
 from __future__ import annotations
 
-import startup  # noqa: F401  (first: the jobs' shared start-up, jobs/startup.py)
-
-# isort: split
-import argparse
+import os
 import sys
+
+if __name__ == "__main__":  # as a script, jobs/ heads sys.path and its tokenize.py shadows the stdlib's:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout instead
+
+import argparse
 
 from pipeline.cli import add_dataclass_arguments, dataclass_from_args
 from pipeline.pack.folder_shards import ShardingSettings, make_shards

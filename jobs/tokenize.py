@@ -12,13 +12,16 @@ within --actor-wait (the summary says what was asked for and what the cluster ha
 
 from __future__ import annotations
 
-import startup  # (first: the jobs' shared start-up, jobs/startup.py)
-
-# isort: split
-import argparse
-import contextlib
+import os
 import sys
 
+if __name__ == "__main__":  # as a script, jobs/ heads sys.path and its tokenize.py shadows the stdlib's:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout instead
+
+import argparse
+import contextlib
+
+from jobs import startup
 from pipeline.data.decode import add_limit_arguments, limits_from_args
 from pipeline.data.extras import check_keep
 from pipeline.data.views import VIEW_SETS
