@@ -40,6 +40,10 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init]  # a field derived in __post_init__ is no option
+
+
 def _cli(f: dataclasses.Field) -> dict:
     return dict(f.metadata.get("cli", {}))
 
@@ -78,7 +82,7 @@ def add_dataclass_arguments(
     booleans, as the field's `option(...)` metadata says; `overrides[field]` adds or replaces argparse
     keywords (choices, help)."""
     docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
+    for f in _fields(cls):
         if f.name not in skip:
             flag, options = _argument(cls, f, docs.get(f.name, ""))
             parser.add_argument(flag, **(options | overrides.get(f.name, {})))
@@ -93,14 +97,14 @@ def _read(f: dataclasses.Field, args: argparse.Namespace) -> Any:
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, **given: Any) -> Any:
     """`cls` built from the parsed options of its fields, `given` ones taking precedence."""
-    values = {f.name: _read(f, args) for f in dataclasses.fields(cls) if hasattr(args, _dest(f))}
+    values = {f.name: _read(f, args) for f in _fields(cls) if hasattr(args, _dest(f))}
     return cls(**(values | given))
 
 
 def components(cls: type) -> dict[str, type]:
     """The fields of `cls` whose type is itself a dataclass: name -> that class."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+    return {f.name: hints[f.name] for f in _fields(cls) if dataclasses.is_dataclass(hints[f.name])}
 
 
 def add_config_arguments(

@@ -122,36 +122,6 @@ class DecodeLimits:
 DEFAULT_LIMITS = DecodeLimits()
 
 
-def add_limit_arguments(parser) -> None:
-    """The DecodeLimits options every job that reads images takes (--min-side, --max-aspect, --max-pixels,
-    --max-member-bytes)."""
-    d = DEFAULT_LIMITS
-    parser.add_argument(
-        "--min-side", type=int, default=d.min_side, help="skip images whose shorter side is below this"
-    )
-    parser.add_argument(
-        "--max-aspect", type=float, default=d.max_aspect, help="skip images with a longer aspect ratio"
-    )
-    parser.add_argument(
-        "--max-pixels", type=int, default=d.max_pixels, help="skip images declaring more pixels (bomb guard)"
-    )
-    parser.add_argument(
-        "--max-member-bytes",
-        type=int,
-        default=d.max_member_bytes,
-        help="skip samples with a tar member larger than this (never read into memory)",
-    )
-
-
-def limits_from_args(args) -> DecodeLimits:
-    return DecodeLimits(
-        min_side=args.min_side,
-        max_aspect=args.max_aspect,
-        max_pixels=args.max_pixels,
-        max_member_bytes=args.max_member_bytes,
-    )
-
-
 class SkipSample(Exception):
     """A sample that cannot become a row; `reason` is one of the reason constants of this module."""
 
