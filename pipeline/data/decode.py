@@ -101,7 +101,7 @@ _quiet_bomb_warnings()
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """Which images are skipped rather than tokenized (options of the jobs)."""
+    """Which images are skipped unread or undecoded: too small, too elongated, too large."""
 
     min_side: int = 64  # images whose shorter side is below this many pixels are skipped as too small
     max_aspect: float = 4.0  # longer side / shorter side above this is skipped as aspect ratio

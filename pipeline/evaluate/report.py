@@ -38,10 +38,10 @@ class EvalSettings:
 
     image_size: int = 256  # shorter side resized to this (antialiased), center crop: as tokenizing
     batch_size: int = 16  # images per forward pass
-    limit: int | None = None  # stop after this many images (None: every image of every shard)
+    limit: int | None = None  # stop after this many images (default: every image of every shard)
     rule: str | None = field(
         default=None, metadata=option(choices=RULES, type=None)
-    )  # GQ rule scored ("posterior" or "mean"); None: the checkpoint's own
+    )  # the GQ rule scored (default: the checkpoint's own)
     limits: DecodeLimits = field(default_factory=lambda: DEFAULT_LIMITS)  # which images are skipped
     decode_threads: int = 2  # image decoding threads
     examples: int = 4  # rows of the reconstruction grid
