@@ -87,7 +87,7 @@ def test_nested_components_and_declared_spellings_round_trip():
         settings=EvalSettings(rule="mean", limit=7, limits=DecodeLimits(min_side=9, max_aspect=2.5)),
     )  # fmt: skip
     assert config_from_args(EvalJob, parser.parse_args(argv[:6])) == EvalJob("c", "d", "o")
-    with pytest.raises(ValueError, match="max_aspect"):  # the component's own check
+    with pytest.raises(ValueError, match="--max-aspect"):  # the component's own check
         config_from_args(EvalJob, parser.parse_args([*argv[:6], "--max-aspect", "0.5"]))
 
 

@@ -108,15 +108,10 @@ class DecodeLimits:
     max_pixels: int = 40_000_000  # width * height declared in the header above this is never decoded
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # a tar member larger than this is never read
 
-    def __post_init__(self) -> None:
-        if self.min_side < 1:
-            raise ValueError(f"min_side must be >= 1, got {self.min_side}")
-        if self.max_aspect < 1:
-            raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
-        if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
-        if self.max_member_bytes < 1:
-            raise ValueError(f"max_member_bytes must be >= 1, got {self.max_member_bytes}")
+    def __post_init__(self) -> None:  # spelled as the jobs' options, which are these fields
+        for name in ("min_side", "max_aspect", "max_pixels", "max_member_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
 DEFAULT_LIMITS = DecodeLimits()
