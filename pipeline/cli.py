@@ -56,11 +56,10 @@ def _argument(cls: type, f: dataclasses.Field, doc: str) -> tuple[str, dict]:
     """The option string and argparse keywords of one plain field."""
     given = _cli(f)
     if given.pop("negated", False):
-        return f"--no-{f.name.replace('_', '-')}", {
-            "action": "store_true",
-            "dest": _dest(f),
-            "help": doc,
-        } | given
+        if f.default is not True:
+            raise TypeError(f"{cls.__name__}.{f.name}: a negated option needs a boolean defaulting to True")
+        flag = f"--no-{f.name.replace('_', '-')}"
+        return flag, {"action": "store_true", "dest": _dest(f), "help": doc} | given
     kind = str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
     default = f.default if f.default is not dataclasses.MISSING else None
     options: dict = {"help": doc, "default": default}
