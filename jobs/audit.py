@@ -13,68 +13,51 @@ but a shard was unreadable or no image could be audited, 2 bad arguments (one li
 
 from __future__ import annotations
 
-import startup  # noqa: F401  (first: the jobs' shared start-up, jobs/startup.py)
-
-# isort: split
-import argparse
 import os
 import sys
 
+if __name__ == "__main__":  # as a script, jobs/ heads sys.path and its tokenize.py shadows the stdlib's:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout instead
+
+import argparse
+
 import gq
 from gq.audit import candidate_points
-from pipeline.data.decode import add_limit_arguments, limits_from_args
+from pipeline.cli import add_config_arguments, config_from_args
 from pipeline.data.shards import expand_shards
-from pipeline.evaluate.audit import audit_shards, build_audit, write_audit
-from pipeline.evaluate.report import EvalSettings
+from pipeline.evaluate.audit import AuditSettings, audit_shards, build_audit, write_audit
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> AuditSettings:
+    """Every field of AuditSettings and of its components as an option, its help the field's documentation."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="our .safetensors checkpoint (path or fsspec URL)")
-    p.add_argument("--input", required=True, help="SHARDS: brace pattern, glob, directory or .txt URL list")
-    p.add_argument("--output", required=True, help="DIR for audit.json, audit.md and the plots")
-    p.add_argument("--images", type=int, default=256, help="audit the first N decodable images")
-    p.add_argument("--image-size", type=int, default=256, help="shorter side resized to this, center crop")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    p.add_argument(
-        "--codebook-bits", type=int, nargs="+", help="log2 K of the candidate points (default: the model's)"
-    )
-    p.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, ...)")
-    p.add_argument("--decode-threads", type=int, default=2, help="image decoding threads")
-    add_limit_arguments(p)
-    args = p.parse_args(argv)
-    for name in ("images", "image_size", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.codebook_bits and not all(1 <= b <= 20 for b in args.codebook_bits):
-        p.error("--codebook-bits must lie in 1..20")
-    return args
+    add_config_arguments(p, AuditSettings)
+    try:
+        return config_from_args(AuditSettings, p.parse_args(argv))
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    settings = EvalSettings(
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        limit=args.images,
-        limits=limits_from_args(args),
-        decode_threads=args.decode_threads,
-    )
+    settings = parse_args(argv)
     try:
-        shards = expand_shards(args.input)
-        model = gq.load(args.checkpoint, map_location=args.device)
-        if args.image_size % model.downsample:
-            raise ValueError(f"--image-size must be a multiple of {model.downsample}, got {args.image_size}")
-        points = candidate_points(model.config.latent_channels, tuple(args.codebook_bits or ())) or None
+        shards = expand_shards(settings.input)
+        model = gq.load(settings.checkpoint, map_location=settings.device)
+        if settings.image_size % model.downsample:
+            raise ValueError(
+                f"--image-size must be a multiple of {model.downsample}, got {settings.image_size}"
+            )
+        points = candidate_points(model.config.latent_channels, tuple(settings.codebook_bits or ())) or None
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError
         print(f"audit: error: {e}", file=sys.stderr)
         return 2
     print(
-        f"audit: {len(shards)} shards, model {str(model.checkpoint_sha256)[:12]} -> {args.output}", flush=True
+        f"audit: {len(shards)} shards, model {str(model.checkpoint_sha256)[:12]} -> {settings.output}",
+        flush=True,
     )
-    audit, read = audit_shards(model, shards, settings, points)
-    report = build_audit(audit, read, args.checkpoint)
-    written = write_audit(args.output, report, audit)
+    audit, read = audit_shards(model, shards, settings.read, points)
+    report = build_audit(audit, read, settings.checkpoint)
+    written = write_audit(settings.output, report, audit)
     if report["images"]:
         print(f"audit: {report['images']} images. {report['recommendation']}", flush=True)
     print(f"audit: wrote {', '.join(os.path.basename(w) for w in written)}", flush=True)

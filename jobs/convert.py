@@ -25,13 +25,14 @@ downloaded. Exit status: 0 written, 2 bad arguments or a checkpoint/config this 
 
 from __future__ import annotations
 
-import startup  # noqa: F401  (first: the jobs' shared start-up, jobs/startup.py)
-
-# isort: split
-import argparse
 import os
-import posixpath
 import sys
+
+if __name__ == "__main__":  # as a script, jobs/ heads sys.path and its tokenize.py shadows the stdlib's:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout instead
+
+import argparse
+import posixpath
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem

@@ -7,11 +7,13 @@ commit records, run record) and `out/demo/grid.png` (original | continuous VAE |
 
 from __future__ import annotations
 
-import startup  # (first: the jobs' shared start-up, jobs/startup.py)
-
-# isort: split
-import argparse
+import os
 import sys
+
+if __name__ == "__main__":  # as a script, jobs/ heads sys.path and its tokenize.py shadows the stdlib's:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout instead
+
+import argparse
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 
 import gq
 from gq.metrics import psnr, to_uint8, usage_from_counts
+from jobs import startup
 from pipeline.data.decode import Decoded, decode_sample
 from pipeline.data.shards import expand_shards, shard_stem
 from pipeline.data.stages import decoded, shard_samples

@@ -13,111 +13,62 @@ arguments.
 
 from __future__ import annotations
 
-import startup  # noqa: F401  (first: the jobs' shared start-up, jobs/startup.py)
-
-# isort: split
-import argparse
 import os
 import sys
 
+if __name__ == "__main__":  # as a script, jobs/ heads sys.path and its tokenize.py shadows the stdlib's:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout instead
+
+import argparse
+
 import gq
 from gq.audit import ReadinessAudit
-from gq.model import fixed_image_size
-from pipeline.data.decode import add_limit_arguments, limits_from_args
+from pipeline.cli import add_config_arguments, config_from_args
 from pipeline.data.shards import expand_shards
 from pipeline.evaluate.audit import build_audit, write_audit
-from pipeline.evaluate.report import EvalSettings, build_report, evaluate_shards, write_report
+from pipeline.evaluate.report import EvalJob, build_report, evaluate_shards, summary_line, write_report
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> EvalJob:
+    """Every field of EvalJob and of its components as an option, its help the field's documentation."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # what to evaluate
-    p.add_argument("--checkpoint", required=True, help="GQ-VAE .safetensors checkpoint (path or fsspec URL)")
-    p.add_argument("--data", required=True, help="SHARDS: brace pattern, glob, directory or .txt URL list")
-    p.add_argument("--output", required=True, help="DIR for report.json, report.md and the PNG plots")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
-    p.add_argument(
-        "--rule",
-        choices=["posterior", "mean"],
-        default=None,
-        help="GQ rule to score (default: the checkpoint's)",
-    )
-    # preprocessing and bad input (as jobs/tokenize.py)
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="shorter side resized to this, center crop (default: the model's own size for a ViT, else 256)",
-    )
-    add_limit_arguments(p)
-    # throughput
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    p.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--decode-threads", type=int, default=2, help="image decoding threads")
-    p.add_argument("--examples", type=int, default=4, help="rows of the reconstruction grid")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--audit", action="store_true", help="also write the readiness audit (jobs/audit.py)")
-    args = p.parse_args(argv)
-    for name in ("image_size", "batch_size", "min_side", "max_pixels", "max_member_bytes"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        p.error("--limit must be >= 1")
-    if args.decode_threads < 0 or args.examples < 1 or args.max_aspect < 1:
-        p.error("--decode-threads must be >= 0, --examples >= 1 and --max-aspect >= 1")
-    return args
+    add_config_arguments(p, EvalJob)
+    try:
+        return config_from_args(EvalJob, p.parse_args(argv))
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    job = parse_args(argv)
+    settings = job.settings
     try:
-        shards = expand_shards(args.data)
-        model = gq.load(args.checkpoint, map_location=args.device)
-        fixed = fixed_image_size(model.config)
-        size = args.image_size if args.image_size is not None else fixed or 256
-        if fixed is not None and size != fixed:
-            raise ValueError(f"--image-size {size}: this model takes {fixed}x{fixed} images only (a ViT)")
-        if size % model.downsample:
-            raise ValueError(f"--image-size must be a multiple of {model.downsample}, got {size}")
+        shards = expand_shards(job.data)
+        model = gq.load(job.checkpoint, map_location=job.device)
+        settings = settings.for_model(model)  # the image size: a ViT's own by default, else 256
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError; a directory: OSError
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
-    settings = EvalSettings(
-        image_size=size,
-        batch_size=args.batch_size,
-        limit=args.limit,
-        rule=args.rule,
-        limits=limits_from_args(args),
-        decode_threads=args.decode_threads,
-        examples=args.examples,
-    )
     print(
-        f"evaluate: {len(shards)} shards, model {str(model.checkpoint_sha256)[:12]} -> {args.output}",
+        f"evaluate: {len(shards)} shards, model {str(model.checkpoint_sha256)[:12]} -> {job.output}",
         flush=True,
     )
 
     progress = iter
-    if not args.no_progress:
+    if job.progress:
         from tqdm import tqdm
 
         progress = lambda shards: tqdm(shards, desc="evaluate", unit="shard")  # noqa: E731
-    audit = ReadinessAudit(model) if args.audit else None
+    audit = ReadinessAudit(model) if job.audit else None
     run = evaluate_shards(model, shards, settings, progress=progress, also=audit.update if audit else None)
-    report = build_report(run, model, args.checkpoint, settings)
-    written = write_report(args.output, report, run)
+    report = build_report(run, model, job.checkpoint, settings)
+    written = write_report(job.output, report, run)
     if audit is not None:
-        read = {"shards": len(shards), "shards_unreadable": run.unreadable, "image_size": args.image_size,
+        read = {"shards": len(shards), "shards_unreadable": run.unreadable, "image_size": settings.image_size,
                 "skipped_by_reason": report["skipped"]["by_reason"]}  # fmt: skip
-        written += write_audit(args.output, build_audit(audit, read, args.checkpoint), audit)
+        written += write_audit(job.output, build_audit(audit, read, job.checkpoint), audit)
     if report["images"]:
-        g, c = report["gq"], report["continuous"]
-        print(
-            f"evaluate: {report['images']} images, {report['rate']['bits_per_pixel']:.4g} bpp; PSNR "
-            f"{c['psnr_db']:.2f} dB continuous, {g['psnr_db']:.2f} dB GQ; "
-            f"SSIM {c['ssim']:.4f} continuous, {g['ssim']:.4f} GQ; "
-            f"codebook usage {report['codebook']['usage']:.4f}; skipped {report['skipped']['count']}",
-            flush=True,
-        )
+        print(f"evaluate: {summary_line(report)}", flush=True)
     print(f"evaluate: wrote {', '.join(os.path.basename(w) for w in written)}", flush=True)
     if run.unreadable:
         print(f"evaluate: unreadable shards: {', '.join(run.unreadable)}", file=sys.stderr)

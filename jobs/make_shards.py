@@ -16,30 +16,31 @@ run again to complete), 2 bad arguments or input.
 
 from __future__ import annotations
 
-import startup  # noqa: F401  (first: the jobs' shared start-up, jobs/startup.py)
-
-# isort: split
-import argparse
+import os
 import sys
 
-from pipeline.cli import add_dataclass_arguments, dataclass_from_args
+if __name__ == "__main__":  # as a script, jobs/ heads sys.path and its tokenize.py shadows the stdlib's:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout instead
+
+import argparse
+
+from pipeline.cli import add_config_arguments, config_from_args
 from pipeline.pack.folder_shards import ShardingSettings, make_shards
-from pipeline.pack.image_folder import LAYOUT_CHOICES
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> ShardingSettings:
+    """Every field of ShardingSettings as an option, its help the field's documentation."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_arguments(p, ShardingSettings, skip=("progress",), layout={"choices": LAYOUT_CHOICES})
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary still prints)")
+    add_config_arguments(p, ShardingSettings)
     args = p.parse_args(argv)
-    if args.samples_per_shard < 1 or args.read_threads < 1 or args.max_file_bytes < 1:
-        p.error("--samples-per-shard, --read-threads and --max-file-bytes must be >= 1")
-    return args
+    try:
+        return config_from_args(ShardingSettings, args)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    settings = dataclass_from_args(ShardingSettings, args, progress=not args.no_progress)
+    settings = parse_args(argv)
     try:
         summary = make_shards(settings)
     except ValueError as e:  # bad arguments, another plan in DIR: one line, exit 2

@@ -1,21 +1,15 @@
-"""The start-up every job shares: imported first, as `import startup`, before anything else.
+"""`ray_session`, the one way jobs start or join Ray.
 
-Run as `python jobs/<job>.py`, a job's folder heads sys.path, where jobs/tokenize.py would shadow the
-standard library's `tokenize` (imported by inspect and linecache): importing this module puts the
-checkout there instead. (Imported as `jobs.<job>`, `jobs/__init__.py` registers this module under the
-same name.) `ray_session` is the one way jobs start or join Ray.
+(Each job's first lines put the checkout, not jobs/, at the head of sys.path when it runs as a script:
+jobs/tokenize.py would otherwise shadow the standard library's `tokenize`, which inspect and linecache
+import.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
-
-_JOBS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(_JOBS)
-sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") not in (_JOBS, ROOT)]
 
 
 @contextlib.contextmanager

@@ -8,11 +8,13 @@ and times the CPU search. (The README's demo, on real photos, is jobs/demo.py.)
 
 from __future__ import annotations
 
-import startup  # noqa: F401  (first: the jobs' shared start-up, jobs/startup.py)
-
-# isort: split
-import argparse
+import os
 import sys
+
+if __name__ == "__main__":  # as a script, jobs/ heads sys.path and its tokenize.py shadows the stdlib's:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout instead
+
+import argparse
 import time
 
 import torch

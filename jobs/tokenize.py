@@ -12,16 +12,20 @@ within --actor-wait (the summary says what was asked for and what the cluster ha
 
 from __future__ import annotations
 
-import startup  # (first: the jobs' shared start-up, jobs/startup.py)
+import os
+import sys
 
-# isort: split
+if __name__ == "__main__":  # as a script, jobs/ heads sys.path and its tokenize.py shadows the stdlib's:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout instead
+
 import argparse
 import contextlib
-import sys
 
 import gq
 from gq.model import fixed_image_size
-from pipeline.data.decode import add_limit_arguments, limits_from_args
+from jobs import startup
+from pipeline.cli import add_dataclass_arguments, dataclass_from_args
+from pipeline.data.decode import DecodeLimits
 from pipeline.data.extras import check_keep
 from pipeline.data.views import VIEW_SETS
 from pipeline.tokenize.driver import ON_EXISTING, JobSettings, plan, prepare_output, run_job
@@ -69,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="member extensions kept as columns, comma-separated (txt,json): .txt as a UTF-8 string, .json "
         "as its JSON text, others as bytes; invalid UTF-8 or JSON gives null and a note",
     )
-    add_limit_arguments(p)
+    add_dataclass_arguments(p, DecodeLimits)
     # throughput and resources
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--actors", type=int, default=1, help="tokenizer actors (one model each)")
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokenize: warning: {warning}", file=sys.stderr, flush=True)
     options = TokenizeOptions(
         image_size=args.image_size,
-        limits=limits_from_args(args),
+        limits=dataclass_from_args(DecodeLimits, args),
         batch_size=args.batch_size,
         decode_threads=args.decode_threads,
         encoder_precision=precision,

@@ -18,16 +18,18 @@ workers within --worker-wait: the checkpoints are kept for a rerun), 2 bad argum
 
 from __future__ import annotations
 
-import startup  # (first: the jobs' shared start-up, jobs/startup.py)
-
-# isort: split
-import argparse
 import os
 import sys
+
+if __name__ == "__main__":  # as a script, jobs/ heads sys.path and its tokenize.py shadows the stdlib's:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout instead
+
+import argparse
 import traceback
 
 import gq
 from gq.tdc import MODES
+from jobs import startup
 from pipeline.cli import add_config_arguments, config_from_args
 from pipeline.train.config import TrainSettings
 from pipeline.train.run import InputError, NoRoomForWorkers, run_training

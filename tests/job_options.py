@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 JOBS = (
     "tokenize",
@@ -53,7 +54,9 @@ def parser_of(job: str) -> argparse.ArgumentParser | None:
 
 
 def _value(value: object) -> object:
-    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+    if isinstance(value, str):  # a default inside the checkout (demo's) is the same in every clone
+        return value.replace(str(REPO), "<repo>")
+    return value if isinstance(value, (int, float, bool, type(None))) else repr(value)
 
 
 def options(parser: argparse.ArgumentParser) -> dict:

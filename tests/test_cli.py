@@ -7,7 +7,10 @@ import pytest
 
 from gq.losses import LossConfig
 from jobs import train_vae
-from pipeline.cli import add_config_arguments, components, field_docs
+from pipeline.cli import add_config_arguments, components, config_from_args, field_docs
+from pipeline.data.decode import DecodeLimits
+from pipeline.evaluate.audit import AuditSettings
+from pipeline.evaluate.report import EvalJob, EvalSettings
 from pipeline.train.config import TrainSettings
 
 
@@ -60,3 +63,52 @@ def test_flat_records_of_older_runs_read_as_components():
     assert TrainSettings.from_dict(s.to_dict()) == s
     with pytest.raises(ValueError, match="unknown"):
         TrainSettings.from_dict(flat | {"no_such_setting": 1})
+
+
+def test_nested_components_and_declared_spellings_round_trip():
+    """EvalJob -> EvalSettings -> DecodeLimits: every depth becomes options and is built back; option(...)
+    metadata gives --no-progress, a store_true flag, choices with argparse's own strings."""
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, EvalJob)
+    by_dest = {a.dest: a for a in parser._actions}
+    assert {"min_side", "max_aspect", "max_pixels", "max_member_bytes", "image_size", "no_progress"} <= set(
+        by_dest
+    )
+    assert by_dest["no_progress"].option_strings == ["--no-progress"] and by_dest["audit"].nargs == 0
+    assert by_dest["rule"].choices == ("posterior", "mean") and by_dest["rule"].type is None
+    assert by_dest["max_aspect"].type is float and by_dest["max_aspect"].default == DecodeLimits().max_aspect
+    titles = {g.title for g in parser._action_groups}
+    assert {"settings", "limits"} <= titles
+    argv = ["--checkpoint", "c", "--data", "d", "--output", "o", "--no-progress", "--audit", "--rule", "mean",
+            "--min-side", "9", "--max-aspect", "2.5", "--limit", "7"]  # fmt: skip
+    job = config_from_args(EvalJob, parser.parse_args(argv))
+    assert job == EvalJob(
+        checkpoint="c", data="d", output="o", progress=False, audit=True,
+        settings=EvalSettings(rule="mean", limit=7, limits=DecodeLimits(min_side=9, max_aspect=2.5)),
+    )  # fmt: skip
+    assert config_from_args(EvalJob, parser.parse_args(argv[:6])) == EvalJob("c", "d", "o")
+    with pytest.raises(ValueError, match="--max-aspect"):  # the component's own check
+        config_from_args(EvalJob, parser.parse_args([*argv[:6], "--max-aspect", "0.5"]))
+
+
+def test_nargs_become_tuples_and_derived_fields_are_no_options():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, AuditSettings)
+    dests = {a.dest for a in parser._actions}
+    assert "read" not in dests and "limit" not in dests  # `read` is derived in __post_init__
+    base = ["--checkpoint", "c", "--input", "i", "--output", "o"]
+    s = config_from_args(AuditSettings, parser.parse_args([*base, "--codebook-bits", "8", "12"]))
+    assert s.codebook_bits == (8, 12) and s.read == EvalSettings(batch_size=8, limit=256)
+    with pytest.raises(ValueError, match="1..20"):
+        config_from_args(AuditSettings, parser.parse_args([*base, "--codebook-bits", "21"]))
+    with pytest.raises(ValueError, match="--batch-size"):  # EvalSettings' check, through `read`
+        config_from_args(AuditSettings, parser.parse_args([*base, "--batch-size", "0"]))
+
+
+def test_a_field_without_a_command_line_type_is_refused():
+    @dataclasses.dataclass(frozen=True)
+    class Odd:
+        shape: tuple[int, int] = (1, 2)  # no option can hold this without option(type=..., nargs=...)
+
+    with pytest.raises(TypeError, match="Odd.shape"):
+        add_config_arguments(argparse.ArgumentParser(), Odd)

@@ -10,7 +10,7 @@ MAY_IMPORT = {  # each layer and the layers below it
     "gq": {"gq", "kernels"},
     "kernels": {"kernels"},
     "pipeline": {"pipeline", "gq", "kernels"},
-    "jobs": {"jobs", "pipeline", "gq", "kernels", "startup"},
+    "jobs": {"jobs", "pipeline", "gq", "kernels"},
 }
 
 
@@ -39,8 +39,6 @@ def imports(path: Path) -> set[str]:
 def graph() -> dict[str, set[str]]:
     files = [p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")]
     modules = {module_name(p): p for p in files}
-    if "jobs.startup" in modules:
-        modules["startup"] = modules["jobs.startup"]
     edges = {}
     for name, path in modules.items():
         # `from pkg import name` is an edge to pkg.name when that is a module, else to pkg

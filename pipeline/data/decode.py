@@ -101,55 +101,20 @@ _quiet_bomb_warnings()
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """Which images are skipped rather than tokenized (options of the jobs)."""
+    """Which images are skipped unread or undecoded: too small, too elongated, too large."""
 
     min_side: int = 64  # images whose shorter side is below this many pixels are skipped as too small
     max_aspect: float = 4.0  # longer side / shorter side above this is skipped as aspect ratio
     max_pixels: int = 40_000_000  # width * height declared in the header above this is never decoded
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # a tar member larger than this is never read
 
-    def __post_init__(self) -> None:
-        if self.min_side < 1:
-            raise ValueError(f"min_side must be >= 1, got {self.min_side}")
-        if self.max_aspect < 1:
-            raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
-        if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
-        if self.max_member_bytes < 1:
-            raise ValueError(f"max_member_bytes must be >= 1, got {self.max_member_bytes}")
+    def __post_init__(self) -> None:  # spelled as the jobs' options, which are these fields
+        for name in ("min_side", "max_aspect", "max_pixels", "max_member_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
 DEFAULT_LIMITS = DecodeLimits()
-
-
-def add_limit_arguments(parser) -> None:
-    """The DecodeLimits options every job that reads images takes (--min-side, --max-aspect, --max-pixels,
-    --max-member-bytes)."""
-    d = DEFAULT_LIMITS
-    parser.add_argument(
-        "--min-side", type=int, default=d.min_side, help="skip images whose shorter side is below this"
-    )
-    parser.add_argument(
-        "--max-aspect", type=float, default=d.max_aspect, help="skip images with a longer aspect ratio"
-    )
-    parser.add_argument(
-        "--max-pixels", type=int, default=d.max_pixels, help="skip images declaring more pixels (bomb guard)"
-    )
-    parser.add_argument(
-        "--max-member-bytes",
-        type=int,
-        default=d.max_member_bytes,
-        help="skip samples with a tar member larger than this (never read into memory)",
-    )
-
-
-def limits_from_args(args) -> DecodeLimits:
-    return DecodeLimits(
-        min_side=args.min_side,
-        max_aspect=args.max_aspect,
-        max_pixels=args.max_pixels,
-        max_member_bytes=args.max_member_bytes,
-    )
 
 
 class SkipSample(Exception):

@@ -8,16 +8,49 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
 
 import gq
 from gq.audit import OperatingPoint, ReadinessAudit
+from pipeline.cli import option
+from pipeline.data.decode import DEFAULT_LIMITS, DecodeLimits
 from pipeline.data.samples import SHARD_UNREADABLE, Skip
 from pipeline.evaluate import plots
 from pipeline.evaluate.report import EvalSettings, finite, image_batches
 from pipeline.io import join
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The command line of jobs/audit.py."""
+
+    checkpoint: str = field(metadata=option(type=None))  # our .safetensors checkpoint (path or fsspec URL)
+    input: str = field(metadata=option(type=None))  # SHARDS: brace pattern, glob, directory or .txt URL list
+    output: str = field(metadata=option(type=None))  # DIR for audit.json, audit.md and the plots
+    images: int = 256  # audit the first N decodable images
+    image_size: int = 256  # shorter side resized to this, center crop
+    batch_size: int = 8  # images per forward pass
+    codebook_bits: tuple[int, ...] | None = field(
+        default=None, metadata=option(type=int, nargs="+")
+    )  # log2 K of the candidate points (default: the model's)
+    device: str = field(default="cpu", metadata=option(type=None))  # torch device of the model (cpu, cuda)
+    decode_threads: int = 2  # image decoding threads
+    limits: DecodeLimits = field(default_factory=lambda: DEFAULT_LIMITS)  # which images are skipped
+
+    read: EvalSettings = field(init=False)  # how the images are read: as jobs/evaluate.py reads them
+
+    def __post_init__(self) -> None:
+        if self.images < 1:
+            raise ValueError(f"--images must be >= 1, got {self.images}")
+        if not all(1 <= b <= 20 for b in self.codebook_bits or ()):
+            raise ValueError(f"--codebook-bits must lie in 1..20, got {list(self.codebook_bits)}")
+        read = EvalSettings(self.image_size, self.batch_size, self.images, limits=self.limits,
+                            decode_threads=self.decode_threads)  # fmt: skip
+        object.__setattr__(self, "read", read)  # (frozen) its __post_init__ checks the sizes
+
 
 PLOTS = {
     "kl": "audit_kl_per_channel.png",

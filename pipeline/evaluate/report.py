@@ -5,6 +5,7 @@ three PNG plots. A plain in-process loop (no Ray): evaluation sets are small nex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -20,25 +21,71 @@ import torch
 
 import gq
 from gq.evaluation import Evaluator
+from gq.model import fixed_image_size
+from pipeline.cli import option
 from pipeline.data.decode import DEFAULT_LIMITS, Decoded, DecodeLimits, decode_sample
 from pipeline.data.samples import SHARD_UNREADABLE, Skip
 from pipeline.data.stages import batched, decoded, first_rows, is_row, shard_samples
 from pipeline.evaluate import plots
 from pipeline.io import join
 
+RULES = ("posterior", "mean")  # the GQ rules a report scores
 MAX_SKIPS_LISTED = 1000  # skipped samples listed one by one in report.json (all are counted by reason)
 PLOTS = {"grid": "reconstructions.png", "kl": "kl_histogram.png", "usage": "code_usage.png"}
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    image_size: int = 256  # shorter side resized to this (antialiased), center crop: as tokenizing
+    """How images are read and scored (as jobs/tokenize.py reads them)."""
+
+    image_size: int | None = (
+        None  # shorter side resized to this, center crop (default: a ViT's own, else 256)
+    )
     batch_size: int = 16  # images per forward pass
-    limit: int | None = None  # stop after this many images (None: every image of every shard)
-    rule: str | None = None  # GQ rule scored ("posterior" or "mean"); None: the checkpoint's own
+    limit: int | None = None  # stop after this many images (default: every image of every shard)
+    rule: str | None = field(
+        default=None, metadata=option(choices=RULES, type=None)
+    )  # the GQ rule scored (default: the checkpoint's own)
     limits: DecodeLimits = field(default_factory=lambda: DEFAULT_LIMITS)  # which images are skipped
     decode_threads: int = 2  # image decoding threads
     examples: int = 4  # rows of the reconstruction grid
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "batch_size", "examples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.decode_threads < 0:
+            raise ValueError(f"--decode-threads must be >= 0, got {self.decode_threads}")
+        if self.rule not in (None, *RULES):
+            raise ValueError(f"--rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+
+    def for_model(self, model: gq.GQVAE) -> EvalSettings:
+        """These settings with the image size the model takes: a ViT's own size (any other is refused),
+        else the one given or 256, a multiple of the model's downsampling (ValueError, one line)."""
+        fixed = fixed_image_size(model.config)
+        size = self.image_size if self.image_size is not None else fixed or 256
+        if fixed is not None and size != fixed:
+            raise ValueError(f"--image-size {size}: this model takes {fixed}x{fixed} images only (a ViT)")
+        if size % model.downsample:
+            raise ValueError(f"--image-size must be a multiple of {model.downsample}, got {size}")
+        return dataclasses.replace(self, image_size=size)
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """The command line of jobs/evaluate.py: what to evaluate, where to, and how."""
+
+    checkpoint: str = field(metadata=option(type=None))  # GQ-VAE .safetensors checkpoint (path or fsspec URL)
+    data: str = field(metadata=option(type=None))  # SHARDS: brace pattern, glob, directory or .txt URL list
+    output: str = field(metadata=option(type=None))  # DIR for report.json, report.md and the PNG plots
+    device: str = field(default="cpu", metadata=option(type=None))  # torch device of the model (cpu, cuda:1)
+    audit: bool = field(
+        default=False, metadata=option(action="store_true")
+    )  # also write the readiness audit (jobs/audit.py)
+    progress: bool = field(default=True, metadata=option(negated=True, help="no progress bar"))  # a bar
+    settings: EvalSettings = field(default_factory=EvalSettings)  # how images are read and scored
 
 
 @dataclass
@@ -169,6 +216,17 @@ def write_report(output: str, report: dict, run: EvalRun) -> list[str]:
             f.write(data)
         written.append(url)
     return written
+
+
+def summary_line(r: dict) -> str:
+    """The report of some images in one line (what jobs/evaluate.py prints)."""
+    g, c = r["gq"], r["continuous"]
+    return (
+        f"{r['images']} images, {r['rate']['bits_per_pixel']:.4g} bpp; "
+        f"PSNR {c['psnr_db']:.2f} dB continuous, {g['psnr_db']:.2f} dB GQ; "
+        f"SSIM {c['ssim']:.4f} continuous, {g['ssim']:.4f} GQ; "
+        f"codebook usage {r['codebook']['usage']:.4f}; skipped {r['skipped']['count']}"
+    )
 
 
 def format_markdown(r: dict) -> str:

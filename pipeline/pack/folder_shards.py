@@ -31,15 +31,17 @@ from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
 from gq.storage import is_temporary
+from pipeline.cli import option
 from pipeline.data.decode import EMPTY, NOT_IMAGE, image_format
 from pipeline.data.samples import DEFAULT_MAX_MEMBER_BYTES
 from pipeline.data.stages import ordered_map
 from pipeline.io import join, read_json, remove_temporaries, write_atomic
-from pipeline.pack.image_folder import FolderItem, FolderListing, list_image_folder
+from pipeline.pack.image_folder import LAYOUT_CHOICES, FolderItem, FolderListing, list_image_folder
 from pipeline.pack.shard_writer import write_shard
 from pipeline.pack.source_file import read_source
 
 PLAN_FILE = "_make_shards.json"
+NO_PROGRESS = "no progress bar (the summary still prints)"
 ADDED_FIELDS = ("classes", "max_file_bytes")  # plan fields that older plan records lack
 RECORD_DIR = "_make_shards"
 CLASSES_FILE = "classes.json"
@@ -53,13 +55,24 @@ class ShardingSettings:
     output: str  # DIR for <prefix>-NNNNNN.tar (local or any fsspec URL)
     samples_per_shard: int = 1000  # samples in each shard (the last one may hold fewer)
     labels: str | None = None  # labels file of `name label` lines for a flat folder (ImageNet val style)
-    layout: str = "auto"  # a folder's layout: flat, classes, or auto (refuses images at the top and below)
+    layout: str = field(
+        default="auto", metadata=option(choices=LAYOUT_CHOICES)
+    )  # a folder's layout: flat, classes, or auto (refuses images at the top and below)
     classes: str | None = None  # a previous run's classes.json: class folders take its labels (val as train)
     max_file_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # a larger file is skipped unread (as tokenize's members)
     prefix: str = "shard"  # shard file names: <prefix>-NNNNNN.tar
     shuffle_seed: int | None = None  # shuffle the samples across shards with this seed (default: sorted)
     read_threads: int = 8  # files read at once (an object store wants many)
-    progress: bool = True  # a progress bar on stderr
+    progress: bool = field(default=True, metadata=option(negated=True, help=NO_PROGRESS))  # a bar on stderr
+
+    def __post_init__(self) -> None:
+        for name in ("samples_per_shard", "read_threads", "max_file_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.prefix or "/" in self.prefix:
+            raise ValueError(f"--prefix must be a plain file name prefix, got {self.prefix!r}")
+        if self.layout not in LAYOUT_CHOICES:
+            raise ValueError(f"--layout must be one of {', '.join(LAYOUT_CHOICES)}, got {self.layout!r}")
 
 
 @dataclass
@@ -103,12 +116,6 @@ def shard_name(prefix: str, number: int) -> str:
 def plan_shards(settings: ShardingSettings) -> tuple[FolderListing, list[list[FolderItem]], dict]:
     """The listing, its items dealt into shards, and the plan record. Raises ValueError for bad arguments
     or a DIR holding another plan or files of its own, OSError when the input cannot be listed."""
-    if settings.samples_per_shard < 1:
-        raise ValueError("--samples-per-shard must be >= 1")
-    if settings.max_file_bytes < 1:
-        raise ValueError("--max-file-bytes must be >= 1")
-    if not settings.prefix or "/" in settings.prefix:
-        raise ValueError(f"--prefix must be a plain file name prefix, got {settings.prefix!r}")
     _check_output(settings.input, settings.output)
     listing = list_image_folder(settings.input, settings.labels, settings.layout, settings.classes)
     if not listing.items:

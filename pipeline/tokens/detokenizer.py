@@ -11,6 +11,7 @@ import io
 import posixpath
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
@@ -21,11 +22,32 @@ from PIL import Image
 
 from gq.metrics import to_uint8
 from gq.model import GQVAE
+from pipeline.cli import option
 from pipeline.io import join
 from pipeline.tokens.reader import tokens_array
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_PART = 200  # characters per path component (file systems allow 255 bytes)
+
+
+@dataclass(frozen=True)
+class DetokenizeSettings:
+    """The command line of jobs/detokenize.py."""
+
+    tokens: str = field(metadata=option(type=None))  # a token .parquet file, a directory of them, or a glob
+    checkpoint: str = field(metadata=option(type=None))  # the GQ-VAE .safetensors checkpoint (path or URL)
+    output: str = field(metadata=option(type=None))  # DIR for <file stem>/<key>.png
+    limit: int | None = None  # decode at most this many images in all
+    batch_size: int = 16  # images per decoder pass
+    device: str = field(default="cpu", metadata=option(type=None))  # torch device of the model (cpu, cuda)
+    allow_model_mismatch: bool = field(
+        default=False, metadata=option(action="store_true")
+    )  # decode tokens written by another checkpoint of the same codebook (codebook still checked)
+    progress: bool = field(default=True, metadata=option(negated=True, help="no progress bar"))  # a bar
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or (self.limit is not None and self.limit < 1):
+            raise ValueError("--batch-size and --limit must be >= 1")
 
 
 class TokenMismatch(ValueError):
