@@ -46,7 +46,7 @@ from pipeline.data.decode import Decoded, decode_sample  # noqa: E402
 from pipeline.data.samples import Sample  # noqa: E402
 from pipeline.data.shards import expand_shards  # noqa: E402
 from pipeline.tokenize.precision import resolve_encoder_precision  # noqa: E402
-from pipeline.tokenize.processor import ENCODER_PRECISIONS, ShardTokenizer, TokenizeOptions  # noqa: E402
+from pipeline.tokenize.processor import AUTOCAST, ShardTokenizer, TokenizeOptions  # noqa: E402
 from pipeline.tokens.records import read_manifest  # noqa: E402
 
 STAGES = ("decode_pil", "encode", "search", "write")
@@ -104,7 +104,7 @@ def stages(jpegs: list[bytes], batch: int) -> dict:
         os.environ[ENV] = cfg[ENV]
         opts = TokenizeOptions(image_size=256, batch_size=batch, encoder_precision=cfg["precision"])
         tok = ShardTokenizer(str(DEMO), opts, device="cpu", threads=torch.get_num_threads())
-        autocast = ENCODER_PRECISIONS[cfg["precision"]]
+        autocast = AUTOCAST[cfg["precision"]]
         stage_times(tok, jpegs[:batch], batch, 1, autocast)  # warm-up (and the kernel's build)
         seconds, tokens[name] = stage_times(tok, jpegs, batch, 1, autocast)
         total = sum(seconds[k] for k in STAGES)

@@ -27,6 +27,9 @@ def option(*, negated: bool = False, **argparse_keywords: Any) -> dict:
     return {"cli": {"negated": negated, **argparse_keywords}}
 
 
+NO_OPTION = {"cli": None}  # `metadata` of a field that is no command-line option (set by code, not users)
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """Each field's end-of-line comment in the class source (the config's documentation)."""
     source = textwrap.dedent(inspect.getsource(cls))
@@ -41,7 +44,8 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def _fields(cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.init]  # a field derived in __post_init__ is no option
+    # a field derived in __post_init__ is no option, nor one marked NO_OPTION
+    return [f for f in dataclasses.fields(cls) if f.init and f.metadata.get("cli", {}) is not None]
 
 
 def _cli(f: dataclasses.Field) -> dict:

@@ -98,7 +98,7 @@ def test_nargs_become_tuples_and_derived_fields_are_no_options():
     assert "read" not in dests and "limit" not in dests  # `read` is derived in __post_init__
     base = ["--checkpoint", "c", "--input", "i", "--output", "o"]
     s = config_from_args(AuditSettings, parser.parse_args([*base, "--codebook-bits", "8", "12"]))
-    assert s.codebook_bits == (8, 12) and s.read == EvalSettings(batch_size=8, limit=256)
+    assert s.codebook_bits == (8, 12) and s.read == EvalSettings(image_size=256, batch_size=8, limit=256)
     with pytest.raises(ValueError, match="1..20"):
         config_from_args(AuditSettings, parser.parse_args([*base, "--codebook-bits", "21"]))
     with pytest.raises(ValueError, match="--batch-size"):  # EvalSettings' check, through `read`

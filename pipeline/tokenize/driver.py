@@ -13,7 +13,7 @@ import posixpath
 import sys
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import fsspec
 import ray
@@ -22,12 +22,11 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 import gq
-from gq.model import fixed_image_size
 from pipeline.data.samples import ShardUnreadable
 from pipeline.data.shards import expand_shards_listed, identity_mismatch, listed_identities, shard_stem
 from pipeline.io import join
 from pipeline.tokenize.pool import ActorPool, actor_resources
-from pipeline.tokenize.processor import TokenizeOptions
+from pipeline.tokenize.settings import JobSettings, settle
 from pipeline.tokenize.summary import JobSummary
 from pipeline.tokens.index import CommitIndex, Commits, load_commits
 from pipeline.tokens.records import (
@@ -41,26 +40,6 @@ from pipeline.tokens.records import (
     write_failed,
     write_run,
 )
-
-ON_EXISTING = ("skip", "overwrite")
-
-
-@dataclass(frozen=True)
-class JobSettings:
-    """One tokenize run: the command line of jobs/tokenize.py."""
-
-    input: str  # SHARDS: brace pattern, glob, directory or URL list file
-    output: str  # DIR for token files, commit records and the run record
-    checkpoint: str  # GQ-VAE checkpoint, local path or fsspec URL
-    options: TokenizeOptions = field(default_factory=TokenizeOptions)
-    actors: int = 1  # tokenizer actors (models) in the pool
-    gpus_per_actor: float = 0.0  # 0: CPU actors
-    cpus_per_actor: float | None = None  # default: cluster CPUs / actors for CPU actors, 1 with GPUs
-    on_existing: str = "skip"  # "skip": resume, committed shards kept; "overwrite": start DIR afresh
-    allow_nonempty_output: bool = False  # write into a DIR that holds files but no run record of ours
-    retries: int = 3  # attempts per shard after the first, across actor deaths and errors
-    actor_wait: float = 300.0  # seconds with no actor alive and none placed before the run stops (exit 1)
-    progress: bool = True  # live progress bar on stderr
 
 
 def check_exist(shards: list[str]) -> None:
@@ -126,13 +105,8 @@ def check_committed(output: str, shards: list[str], listed: dict[str, dict]) -> 
 
 
 def plan(settings: JobSettings) -> tuple[list[str], dict]:
-    """Validate the settings; the shard URLs and the run record. Raises ValueError for bad arguments."""
-    if settings.on_existing not in ON_EXISTING:
-        raise ValueError(f"--on-existing must be one of {ON_EXISTING}")
-    if settings.actors < 1:
-        raise ValueError("--actors must be >= 1")
-    if not settings.actor_wait > 0:
-        raise ValueError("--actor-wait must be > 0")
+    """Validate the settings against the paths and the model; the shard URLs and the run record (of the
+    settled settings: `settle`). Raises ValueError for bad arguments."""
     check_paths(settings.checkpoint, settings.output)
     urls, listed = expand_shards_listed(settings.input)
     shards = PlannedShards(urls)
@@ -151,14 +125,9 @@ def plan(settings: JobSettings) -> tuple[list[str], dict]:
     clashes = [s for s, n in stems.items() if n > 1]
     if clashes:
         raise ValueError(f"shards with the same name would write the same token file: {clashes[:5]}")
+    settings, _ = settle(settings)  # (idempotent: the job passes settled settings)
     opts = settings.options
     model = gq.describe(settings.checkpoint)
-    fixed = fixed_image_size(model.config)
-    if fixed is not None and opts.image_size != fixed:
-        raise ValueError(
-            f"--image-size {opts.image_size}: this model takes {fixed}x{fixed} images only (a ViT's "
-            f"positional embeddings fix its size); use --image-size {fixed}"
-        )
     provenance = Provenance(model, settings.checkpoint, opts.image_size, opts.preprocessing())
     run = provenance.run_record() | {
         "input": settings.input,

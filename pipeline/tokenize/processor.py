@@ -19,89 +19,20 @@ import torch
 
 import gq
 from pipeline.data import gpu_decode
-from pipeline.data.decode import DRAFT_MARGIN, TAR_TRUNCATED, Decoded, DecodeLimits, decode_sample
-from pipeline.data.extras import check_keep, column_type, extra_values
+from pipeline.data.decode import TAR_TRUNCATED, Decoded, decode_sample
+from pipeline.data.extras import column_type, extra_values
 from pipeline.data.gpu_decode import EncodedJpeg, GpuJpegDecoder
 from pipeline.data.samples import Sample, Skip
 from pipeline.data.shards import shard_identity, shard_stem
 from pipeline.data.stages import batched, decoded, shard_samples
 from pipeline.data.views import VIEW_SETS
-from pipeline.data.views import describe as describe_views
 from pipeline.io import write_atomic
 from pipeline.memory import peak_rss_mib
+from pipeline.tokenize.options import TokenizeOptions, settle_options
 from pipeline.tokens.records import CommitRecord, Provenance, token_url, write_manifest
 from pipeline.tokens.writer import parquet_bytes, row_groups_of, token_table
 
-ENCODER_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
-# Precisions whose tokens depend on which images share an encoder batch: bf16 kernels block their
-# reductions by batch (on the AVX512-BF16 dev CPU 16 of 80 images had a token differ between batches of 5
-# and 10, 0.23% of the tokens; float32 2 tokens of 81,920: benchmarks/batch_invariance.py). Their batch
-# size is recorded in the preprocessing, so a resume cannot mix batch compositions either.
-BATCH_DEPENDENT = ("bfloat16",)
-JPEG_DECODERS = ("pil", "pil-draft", "nvjpeg")
-
-
-@dataclass(frozen=True)
-class TokenizeOptions:
-    """How images become tokens; everything here except the throughput knobs is pinned in `_run.json`."""
-
-    image_size: int = 256  # shorter side resized to this (antialiased), then center-cropped square
-    limits: DecodeLimits = field(default_factory=DecodeLimits)  # skip rules: min side, aspect, pixels
-    batch_size: int = 32  # images per forward pass; pinned with a bfloat16 encoder (BATCH_DEPENDENT)
-    # Decoding threads per processor. A CPU actor's model already uses every core it has, so one thread
-    # (decode overlapping encode) is enough there; a GPU actor wants as many as it has CPUs.
-    decode_threads: int = 1
-    prefetch_batches: int = 2  # decoded batches kept ahead of the model (bounds memory)
-    # "bfloat16" runs the encoder under autocast (tensor cores); the posterior and the search stay
-    # float32, but a few near-tie tokens can differ from a float32 run, so it is pinned in the run record.
-    encoder_precision: str = "float32"
-    # "pil-draft" lets libjpeg decode large JPEGs at 1/2..1/8 scale (shorter side kept >= 2x image_size)
-    # before the same resize: ~2.3x faster decoding of multi-megapixel photos, crops within ~50 dB.
-    # "nvjpeg" decodes JPEGs on the GPU in batches (torchvision) and resizes there with torch's
-    # antialiased bicubic, which differs slightly from PIL's. Both change tokens slightly: pinned too.
-    jpeg_decoder: str = "pil"
-    keep: tuple[str, ...] = ()  # member extensions kept as columns (pipeline/data/extras.py); pinned
-    views: str = "center"  # center | flip | tencrop: rows per sample (pipeline/data/views.py); pinned
-    # width and height columns; False only to resume a directory written before they existed (pinned)
-    source_size: bool = True
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "keep", check_keep(tuple(self.keep)))
-        if self.views not in VIEW_SETS:
-            raise ValueError(f"views must be one of {tuple(VIEW_SETS)}, got {self.views!r}")
-        if self.views != "center" and self.jpeg_decoder == "nvjpeg":
-            raise ValueError("--views flip and tencrop crop on the CPU: use --jpeg-decoder pil or pil-draft")
-        if self.encoder_precision not in ENCODER_PRECISIONS:
-            raise ValueError(f"encoder_precision must be one of {tuple(ENCODER_PRECISIONS)}")
-        if self.jpeg_decoder not in JPEG_DECODERS:
-            raise ValueError(f"jpeg_decoder must be one of {JPEG_DECODERS}, got {self.jpeg_decoder!r}")
-
-    def preprocessing(self) -> dict:
-        """The preprocessing as recorded in token files and run records; with a bfloat16 encoder also the
-        batch size: an image's bf16 tokens depend on the images sharing its batch (BATCH_DEPENDENT)."""
-        resize = "shorter side to image_size, PIL bicubic (antialiased)"
-        if self.jpeg_decoder == "pil-draft":
-            draft = f"JPEGs decoded at 1/2-1/8 scale (shorter side >= {DRAFT_MARGIN}x image_size)"
-            resize = f"{draft}, then {resize}"
-        return {
-            "resize": gpu_decode.RESIZE if self.jpeg_decoder == "nvjpeg" else resize,
-            "jpeg_decoder": self.jpeg_decoder,
-            "encoder_precision": self.encoder_precision,
-            "crop": describe_views(self.views),
-            "views": self.views,
-            "view_names": list(VIEW_SETS[self.views]),
-            "keep": list(self.keep),
-            "source_size": self.source_size,
-            "image_size": self.image_size,
-            "input": "uint8 RGB; alpha composited on white; EXIF orientation applied",
-            **asdict(self.limits),
-        } | batch_record(self.encoder_precision, self.batch_size)
-
-
-def batch_record(precision: str, batch_size: int) -> dict:
-    """{"batch_size": n} where `precision` makes tokens depend on the batch (pinned like the rest), else
-    {}."""
-    return {"batch_size": batch_size} if precision in BATCH_DEPENDENT else {}
+AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16}  # the encoder precision -> its autocast dtype
 
 
 @dataclass
@@ -156,9 +87,12 @@ class ShardTokenizer:
         from torchvision when not given; tests pass one with a CPU stand-in)."""
         if threads:
             torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in actors; use the CPUs we were given
-        self.options = options or TokenizeOptions()
         self.device = torch.device(device)
         self.model = gq.load(checkpoint, map_location=self.device)
+        # as the driver settles them (the job passes settled ones: this decides only for direct use)
+        self.options, _ = settle_options(
+            options or TokenizeOptions(), self.model.config, gpu=self.device.type == "cuda"
+        )
         if expected_sha256 and self.model.checkpoint_sha256 != expected_sha256:
             raise ValueError(f"{checkpoint} changed during the run (sha256 differs from the run record)")
         self.checkpoint = checkpoint
@@ -196,7 +130,7 @@ class ShardTokenizer:
         """uint8 (B, S, S, 3) (numpy, or a tensor on any device) -> tokens (B, tokens_per_image) int64."""
         x = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
         x = x.to(self.device, non_blocking=True)
-        autocast = ENCODER_PRECISIONS[self.options.encoder_precision]
+        autocast = AUTOCAST[self.options.encoder_precision]
         return self.model.tokenize(x, autocast=autocast).reshape(len(images), -1).cpu().numpy()
 
     def _batch_images(self, batch: list, skipped: list[dict]) -> torch.Tensor | np.ndarray | None:

@@ -169,6 +169,16 @@ def read_run(output: str) -> dict | None:
     return read_json(join(output, RUN_FILE))
 
 
+def recorded_preprocessing(output: str) -> dict:
+    """The preprocessing of the run recorded in DIR ({} for none, or for a DIR that cannot be read: the
+    job reports that when it plans). A resume keeps what it decided (the encoder precision, the width and
+    height columns)."""
+    try:
+        return (read_run(output) or {}).get("preprocessing") or {}
+    except (OSError, ValueError):
+        return {}
+
+
 def check_run(previous: dict | None, current: dict) -> None:
     """Raise RunMismatch when `current` would mix tokens with the run recorded in `previous`."""
     if previous is None:

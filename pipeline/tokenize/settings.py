@@ -1,0 +1,63 @@
+"""One tokenize run's settings, `JobSettings`, whose fields (and its options' and limits', nested) are the
+command line of jobs/tokenize.py (pipeline/cli.py), and `settle`, which decides what the command line
+leaves open from the model, the actors and the run being resumed in DIR (tokens/records.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import gq
+from pipeline.cli import option
+from pipeline.tokenize.options import TokenizeOptions, settle_options
+from pipeline.tokens.records import recorded_preprocessing
+
+ON_EXISTING = ("skip", "overwrite")
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """One tokenize run: the command line of jobs/tokenize.py."""
+
+    input: str = field(metadata=option(type=None))  # SHARDS: brace pattern, glob, directory or .txt URL list
+    output: str = field(metadata=option(type=None))  # DIR for <shard>.parquet, _manifest/ and _run.json
+    checkpoint: str = field(metadata=option(type=None))  # GQ-VAE .safetensors checkpoint (path or fsspec URL)
+    options: TokenizeOptions = field(default_factory=TokenizeOptions)  # how images become tokens
+    actors: int = 1  # tokenizer actors (one model each)
+    gpus_per_actor: float = 0.0  # GPUs per actor; 0 runs on CPU
+    cpus_per_actor: float | None = None  # CPUs per actor (default: all CPUs / actors; 1 beside a GPU)
+    on_existing: str = field(
+        default="skip", metadata=option(choices=ON_EXISTING, type=None)
+    )  # skip: resume, committed shards kept; overwrite: delete what earlier runs recorded in DIR, anew
+    allow_nonempty_output: bool = field(
+        default=False, metadata=option(action="store_true")
+    )  # write into a DIR holding other files but no run record of this tool (they are never deleted)
+    retries: int = 3  # attempts per shard after the first, across actor deaths and errors
+    actor_wait: float = field(
+        default=300.0, metadata=option(metavar="S")
+    )  # with no actor alive and none placed within S seconds, stop (exit 1); a rerun completes the rest
+    progress: bool = field(default=True, metadata=option(negated=True))  # no progress bar (the summary stays)
+
+    def __post_init__(self) -> None:
+        if self.on_existing not in ON_EXISTING:
+            raise ValueError(f"--on-existing must be one of {ON_EXISTING}")
+        if self.actors < 1:
+            raise ValueError(f"--actors must be >= 1, got {self.actors}")
+        if self.retries < 0 or self.gpus_per_actor < 0:
+            raise ValueError("--retries and --gpus-per-actor must be >= 0")
+        if self.cpus_per_actor is not None and not self.cpus_per_actor > 0:
+            raise ValueError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+        if not self.actor_wait > 0:
+            raise ValueError(f"--actor-wait must be > 0, got {self.actor_wait}")
+        if self.options.jpeg_decoder == "nvjpeg" and self.gpus_per_actor == 0:
+            raise ValueError("--jpeg-decoder nvjpeg needs GPU actors (--gpus-per-actor > 0)")
+
+
+def settle(settings: JobSettings) -> tuple[JobSettings, str | None]:
+    """The settings with every "decide for me" decided (see options.settle_options), resuming DIR's run
+    where there is one; and a warning or None. ValueError (one line) for a model that refuses them."""
+    model = gq.describe(settings.checkpoint)
+    recorded = recorded_preprocessing(settings.output) if settings.on_existing == "skip" else {}
+    gpu = settings.gpus_per_actor > 0
+    options, warning = settle_options(settings.options, model.config, gpu=gpu, recorded=recorded)
+    return dataclasses.replace(settings, options=options), warning
