@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 
 import fsspec
 import numpy as np
 
 import gq
 from gq.audit import OperatingPoint, ReadinessAudit
-from pipeline.data.samples import SHARD_UNREADABLE, Skip
+from pipeline.data.reasons import SHARD_UNREADABLE, count_by_reason, format_by_reason
+from pipeline.data.samples import Skip
 from pipeline.evaluate import plots
 from pipeline.evaluate.report import EvalSettings, finite, image_batches
 from pipeline.io import join
@@ -33,11 +33,11 @@ def audit_shards(
     """Audit the first `settings.limit` decodable images of `shards`; (the audit, what was read)."""
     t0 = time.perf_counter()
     audit = ReadinessAudit(model, points)
-    skipped: Counter[str] = Counter()
+    skipped: list[Skip] = []
     unreadable: list[str] = []
 
     def on_skip(url: str, skip: Skip) -> None:
-        skipped[skip.reason] += 1
+        skipped.append(skip)
         if skip.reason == SHARD_UNREADABLE:
             unreadable.append(url)
 
@@ -46,7 +46,7 @@ def audit_shards(
     read = {
         "shards": len(shards),
         "shards_unreadable": unreadable,
-        "skipped_by_reason": dict(sorted(skipped.items())),
+        "skipped_by_reason": count_by_reason(skipped),
         "image_size": settings.image_size,
         "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -118,14 +118,14 @@ def _plots(report: dict, audit: ReadinessAudit) -> dict[str, bytes]:
 
 def format_markdown(r: dict) -> str:
     """A human-readable audit.md from audit.json's content."""
-    ck = r["checkpoint"]
+    ck, skipped = r["checkpoint"], r["data"]["skipped_by_reason"]
     lines = [
         "# GQ readiness audit",
         "",
         f"- checkpoint: `{ck['path']}` (sha256 {str(ck['model_sha256'])[:16]}, "
         f"from {', '.join(ck['source'])}); calibrated: {'yes' if ck['calibration'] else 'no'}",
         f"- images: {r['images']} from {r['data']['shards']} shards at {r['data']['image_size']} px; "
-        f"skipped {r['data']['skipped_by_reason'] or 'none'}",
+        f"skipped {sum(skipped.values())}{format_by_reason(skipped)}",
     ]
     if not r["images"]:
         return "\n".join(lines + ["", "No image could be audited."]) + "\n"

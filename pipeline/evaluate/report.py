@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -21,7 +20,8 @@ import torch
 import gq
 from gq.evaluation import Evaluator
 from pipeline.data.decode import DEFAULT_LIMITS, Decoded, DecodeLimits, decode_sample
-from pipeline.data.samples import SHARD_UNREADABLE, Skip
+from pipeline.data.reasons import SHARD_UNREADABLE, count_by_reason, format_by_reason
+from pipeline.data.samples import Skip
 from pipeline.data.stages import batched, decoded, first_rows, is_row, shard_samples
 from pipeline.evaluate import plots
 from pipeline.io import join
@@ -131,7 +131,7 @@ def build_report(run: EvalRun, model: gq.GQVAE, checkpoint: str, settings: EvalS
         },
         "skipped": {
             "count": len(run.skipped),
-            "by_reason": dict(sorted(Counter(s["reason"] for s in run.skipped).items())),
+            "by_reason": count_by_reason(run.skipped),
             "samples": run.skipped[:MAX_SKIPS_LISTED],
         },
         "seconds": round(run.seconds, 3),
@@ -182,7 +182,7 @@ def format_markdown(r: dict) -> str:
         f"groups {ck['groups']}, "
         f"layout {ck['layout']}",
         f"- images: {r['images']} from {r['data']['shards']} shards at {r['data']['image_size']} px; "
-        f"skipped {r['skipped']['count']} {r['skipped']['by_reason'] or ''}",
+        f"skipped {r['skipped']['count']}{format_by_reason(r['skipped']['by_reason'])}",
     ]
     if r["data"]["shards_unreadable"]:
         lines.append(f"- **unreadable shards**: {', '.join(r['data']['shards_unreadable'])}")

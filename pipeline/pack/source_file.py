@@ -16,9 +16,8 @@ import stat
 
 import fsspec
 
-MISSING = "missing file"  # no such file (a stale list line, a file deleted since the listing)
-NOT_REGULAR = "not a regular file"  # a FIFO, device, socket or directory: never read
-TOO_LARGE = "file too large"  # larger than --max-file-bytes: never read whole
+from pipeline.data.reasons import MISSING, NOT_REGULAR, TOO_LARGE
+
 _CHUNK = 16 * 1024 * 1024
 
 

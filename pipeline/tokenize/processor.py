@@ -19,9 +19,10 @@ import torch
 
 import gq
 from pipeline.data import gpu_decode
-from pipeline.data.decode import DRAFT_MARGIN, TAR_TRUNCATED, Decoded, DecodeLimits, decode_sample
+from pipeline.data.decode import DRAFT_MARGIN, Decoded, DecodeLimits, decode_sample
 from pipeline.data.extras import check_keep, column_type, extra_values
 from pipeline.data.gpu_decode import EncodedJpeg, GpuJpegDecoder
+from pipeline.data.reasons import TAR_TRUNCATED
 from pipeline.data.samples import Sample, Skip
 from pipeline.data.shards import shard_identity, shard_stem
 from pipeline.data.stages import batched, decoded, shard_samples

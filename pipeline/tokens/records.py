@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 import gq
-from pipeline.data.samples import DEFAULT_MAX_MEMBER_BYTES
+from pipeline.data.reasons import count_by_reason
+from pipeline.data.tar_reader import DEFAULT_MAX_MEMBER_BYTES
 from pipeline.io import join, read_json, remove_temporaries, write_atomic
 
 MANIFEST_DIR = "_manifest"
@@ -118,14 +118,10 @@ class CommitRecord:
     def to_dict(self) -> dict:
         record = asdict(self)
         fingerprints = record.pop("fingerprints")
-        record["skipped_by_reason"] = _by_reason(self.skipped)
-        record["notes_by_reason"] = _by_reason(self.notes)
+        record["skipped_by_reason"] = count_by_reason(self.skipped)
+        record["notes_by_reason"] = count_by_reason(self.notes)
         record["seconds"] = {k: round(v, 4) for k, v in self.seconds.items()}
         return record | fingerprints
-
-
-def _by_reason(items: list[dict]) -> dict[str, int]:
-    return dict(sorted(Counter(item["reason"] for item in items).items()))
 
 
 class RunMismatch(ValueError):
