@@ -1,5 +1,6 @@
 """Turning a WebDataset sample into a preprocessed RGB image and label, or into a Skip with a reason.
 
+The reasons are in pipeline/data/reasons.py, the JPEG integrity checks in pipeline/data/jpeg_checks.py.
 Thread-safe: no global state is changed per call (called from a thread pool), except one warnings filter
 set at import (see `_quiet_bomb_warnings`).
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.data.jpeg_checks import looks_cut, strict_jpeg
+from pipeline.data.jpeg_checks import damaged, strict_jpeg
 from pipeline.data.preprocess import preprocess, random_crop_flip
 from pipeline.data.reasons import (
     ASPECT,
@@ -26,7 +27,6 @@ from pipeline.data.reasons import (
     NOT_IMAGE,
     TOO_MANY_PIXELS,
     TOO_SMALL,
-    TRUNCATED,
 )
 from pipeline.data.samples import Note, Rejected, Sample, Skip
 from pipeline.data.tar_reader import DEFAULT_MAX_MEMBER_BYTES
@@ -241,11 +241,11 @@ def decode_image_and_shape(
         kind = _sniff(data)
         if kind is None:
             raise Rejected(NOT_IMAGE, f"{len(data)} bytes starting {data[:8]!r}") from None
-        raise _damaged(data, kind, "unreadable header") from None
+        raise damaged(data, kind, "unreadable header") from None
     except MemoryError:
         raise
     except Exception as e:
-        raise _damaged(data, _sniff(data), f"{type(e).__name__}: {e}") from None
+        raise damaged(data, _sniff(data), f"{type(e).__name__}: {e}") from None
 
     with image:
         width, height = image.size
@@ -269,7 +269,7 @@ def decode_image_and_shape(
             if reterminated and "truncated" in str(e):
                 detail = f"premature end of JPEG data: the scan stops before the declared {width}x{height}"
                 raise Rejected(CORRUPT, detail) from None
-            raise _damaged(data, image.format, f"{type(e).__name__}: {e}") from None
+            raise damaged(data, image.format, f"{type(e).__name__}: {e}") from None
 
 
 def check_size(width: int, height: int, limits: DecodeLimits) -> None:
@@ -284,17 +284,6 @@ def check_size(width: int, height: int, limits: DecodeLimits) -> None:
         raise Rejected(TOO_SMALL, f"{size}, shorter side < {limits.min_side}")
     if longer / shorter > limits.max_aspect:
         raise Rejected(ASPECT, f"{size}, aspect {longer / shorter:.2f} > {limits.max_aspect}")
-
-
-def _damaged(data: bytes, kind: str | None, message: str) -> Rejected:
-    """TRUNCATED when PIL says so or the bytes lack their format's end marker, else CORRUPT.
-
-    PIL reports a cut JPEG as "image file is truncated", but a cut WebP as "could not create decoder
-    object" and zlib damage in a PNG as "broken data stream", so the end marker decides those.
-    """
-    if "truncated" in message or looks_cut(data, kind):
-        return Rejected(TRUNCATED, message)
-    return Rejected(CORRUPT, message)
 
 
 def image_format(data: bytes) -> str | None:

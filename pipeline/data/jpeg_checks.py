@@ -2,14 +2,14 @@
 marker, a scan decoding with a Huffman table nobody defined, and a file missing its format's end marker.
 
 PIL decodes such JPEGs to grey images without an error; here they become "corrupt image" (raised as
-`Rejected`) or, through `looks_cut`, "truncated image" (pipeline/data/decode.py decides which).
+`Rejected`). When PIL does fail, `damaged` tells a cut file ("truncated image") from a corrupt one.
 """
 
 from __future__ import annotations
 
 import re
 
-from pipeline.data.reasons import CORRUPT
+from pipeline.data.reasons import CORRUPT, TRUNCATED
 from pipeline.data.samples import Rejected
 
 # JPEG markers read by strict_jpeg
@@ -102,3 +102,14 @@ def looks_cut(data: bytes, kind: str | None) -> bool:
     if kind == "GIF":
         return not tail.endswith(b";")
     return False
+
+
+def damaged(data: bytes, kind: str | None, message: str) -> Rejected:
+    """TRUNCATED when PIL says so or the bytes lack their format's end marker, else CORRUPT.
+
+    PIL reports a cut JPEG as "image file is truncated", but a cut WebP as "could not create decoder
+    object" and zlib damage in a PNG as "broken data stream", so the end marker decides those.
+    """
+    if "truncated" in message or looks_cut(data, kind):
+        return Rejected(TRUNCATED, message)
+    return Rejected(CORRUPT, message)

@@ -100,20 +100,28 @@ def _plots(report: dict, audit: ReadinessAudit) -> dict[str, bytes]:
     axis = "latent channel"
     return {
         PLOTS["kl"]: plots.line(
-            values["kl_bits"], title=f"mean KL per channel (bits); red: log2 K / d = {per_dim:g}",
-            xlabel=axis, ylabel="KL (bits)", hline=per_dim,
+            values["kl_bits"],
+            title=f"mean KL per channel (bits); red: log2 K / d = {per_dim:g}",
+            xlabel=axis,
+            ylabel="KL (bits)",
+            hline=per_dim,
         ),
         PLOTS["mean"]: plots.line(
             values["mean"] - values["mean"].min(),
             title=f"aggregate mean per channel, minus its min {values['mean'].min():.3g}; red: N(0, 1)'s",
-            xlabel=axis, ylabel="mean - min", hline=-values["mean"].min(),
+            xlabel=axis,
+            ylabel="mean - min",
+            hline=-values["mean"].min(),
         ),
         PLOTS["var"]: plots.line(
-            values["var"], title="aggregate variance per channel; red: N(0, 1)'s 1",
-            xlabel=axis, ylabel="variance", hline=1.0,
+            values["var"],
+            title="aggregate variance per channel; red: N(0, 1)'s 1",
+            xlabel=axis,
+            ylabel="variance",
+            hline=1.0,
         ),
         PLOTS["usage"]: plots.code_usage(audit.stats[audit.own].code_counts.numpy()),
-    }  # fmt: skip
+    }
 
 
 def format_markdown(r: dict) -> str:

@@ -237,8 +237,15 @@ def _write_one(out: str, settings: ShardingSettings, number: int, items: list[Fo
             if why is not None:
                 skipped.append({"file": item.url, "key": item.key, "reason": why[0], "detail": why[1]})
                 continue
-            files.append({"file": item.url, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                          "key": item.key, "label": item.label})  # fmt: skip
+            files.append(
+                {
+                    "file": item.url,
+                    "size": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "key": item.key,
+                    "label": item.label,
+                }
+            )
             sample = {"__key__": item.key, item.ext: data}
             if item.label is not None:
                 sample["cls"] = item.label
@@ -252,8 +259,15 @@ def _write_one(out: str, settings: ShardingSettings, number: int, items: list[Fo
         while chunk := f.read(16 * 1024 * 1024):
             digest.update(chunk)
             size += len(chunk)
-    record = {"shard": name, "samples": count, "bytes": size, "sha256": digest.hexdigest(),
-              "first_key": items[0].key, "skipped": skipped, "files": files}  # fmt: skip
+    record = {
+        "shard": name,
+        "samples": count,
+        "bytes": size,
+        "sha256": digest.hexdigest(),
+        "first_key": items[0].key,
+        "skipped": skipped,
+        "files": files,
+    }
     write_atomic(
         join(out, RECORD_DIR, name + ".json"), json.dumps(record, indent=1, ensure_ascii=False).encode()
     )

@@ -296,9 +296,15 @@ class ShardTokenizer:
         size = self.model.config.quantizer.codebook.size
         meta = self.file_metadata()
         table = token_table(
-            result.keys, result.stem, result.indices, result.labels, result.tokens, size, meta,
-            self.extra_columns(result),
-        )  # fmt: skip
+            keys=result.keys,
+            shard=result.stem,
+            indices=result.indices,
+            labels=result.labels,
+            tokens=result.tokens,
+            codebook_size=size,
+            metadata=meta,
+            extra=self.extra_columns(result),
+        )
         data = parquet_bytes(table)
         write_atomic(token_url(output, result.stem), data)
         result.seconds["write"] = time.perf_counter() - t

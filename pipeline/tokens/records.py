@@ -68,8 +68,11 @@ class Provenance:
     def fingerprints(self) -> dict:
         """What every record cites: the model file and the codebook, and this code's version."""
         m = self.model
-        return {"model_sha256": m.model_sha256, "codebook_fingerprint": m.codebook_fingerprint,
-                "gq_version": gq.__version__}  # fmt: skip
+        return {
+            "model_sha256": m.model_sha256,
+            "codebook_fingerprint": m.codebook_fingerprint,
+            "gq_version": gq.__version__,
+        }
 
     def run_record(self) -> dict:
         """The run record's provenance (IDENTITY_FIELDS and what explains them); the driver adds the job."""
