@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 
 import fsspec
 import numpy as np
 
 import gq
 from gq.audit import OperatingPoint, ReadinessAudit
-from pipeline.data.reasons import SHARD_UNREADABLE, count_by_reason, format_by_reason
+from pipeline.data.reasons import SHARD_UNREADABLE, format_by_reason
 from pipeline.data.samples import Skip
 from pipeline.evaluate import plots
 from pipeline.evaluate.report import EvalSettings, finite, image_batches
@@ -33,11 +34,11 @@ def audit_shards(
     """Audit the first `settings.limit` decodable images of `shards`; (the audit, what was read)."""
     t0 = time.perf_counter()
     audit = ReadinessAudit(model, points)
-    skipped: list[Skip] = []
+    skipped: Counter[str] = Counter()  # counts, not the skips: a corpus may hold millions
     unreadable: list[str] = []
 
     def on_skip(url: str, skip: Skip) -> None:
-        skipped.append(skip)
+        skipped[skip.reason] += 1
         if skip.reason == SHARD_UNREADABLE:
             unreadable.append(url)
 
@@ -46,7 +47,7 @@ def audit_shards(
     read = {
         "shards": len(shards),
         "shards_unreadable": unreadable,
-        "skipped_by_reason": count_by_reason(skipped),
+        "skipped_by_reason": dict(sorted(skipped.items())),
         "image_size": settings.image_size,
         "seconds": round(time.perf_counter() - t0, 3),
     }
