@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, features
 
-from pipeline.data.decode import (
+from pipeline.data.reasons import (
     ASPECT,
     CORRUPT,
     DUPLICATE,

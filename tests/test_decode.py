@@ -21,8 +21,18 @@ from shardmaker import (
     webp_bytes,
 )
 
-from pipeline.data import decode
+from pipeline.data import reasons
 from pipeline.data.decode import (
+    Decoded,
+    DecodeLimits,
+    decode_image,
+    decode_image_and_shape,
+    decode_sample,
+    find_image,
+    label_of,
+)
+from pipeline.data.preprocess import preprocess
+from pipeline.data.reasons import (
     CORRUPT,
     DUPLICATE,
     EMPTY,
@@ -32,17 +42,10 @@ from pipeline.data.decode import (
     TOO_MANY_PIXELS,
     TOO_SMALL,
     TRUNCATED,
-    Decoded,
-    DecodeLimits,
-    SkipSample,
-    decode_image,
-    decode_image_and_shape,
-    decode_sample,
-    find_image,
-    label_of,
+    count_by_reason,
+    format_by_reason,
 )
-from pipeline.data.preprocess import preprocess
-from pipeline.data.samples import Note, Sample, Skip, iter_samples
+from pipeline.data.samples import Note, Rejected, Sample, Skip, iter_samples
 from pipeline.data.shards import open_shard
 from pipeline.pack.shard_writer import write_shard
 
@@ -60,7 +63,7 @@ def decoded_member(key, ext):
 
 
 def test_reason_strings_are_the_documented_ones():
-    assert (decode.TRUNCATED, decode.CORRUPT, decode.EMPTY, decode.NOT_IMAGE, decode.NO_IMAGE) == (
+    assert (reasons.TRUNCATED, reasons.CORRUPT, reasons.EMPTY, reasons.NOT_IMAGE, reasons.NO_IMAGE) == (
         "truncated image",
         "corrupt image",
         "empty member",
@@ -68,11 +71,11 @@ def test_reason_strings_are_the_documented_ones():
         "no image member",
     )
     assert (
-        decode.DUPLICATE,
-        decode.TOO_SMALL,
-        decode.ASPECT,
-        decode.TOO_MANY_PIXELS,
-        decode.TAR_TRUNCATED,
+        reasons.DUPLICATE,
+        reasons.TOO_SMALL,
+        reasons.ASPECT,
+        reasons.TOO_MANY_PIXELS,
+        reasons.TAR_TRUNCATED,
     ) == (
         "duplicate key",
         "too small",
@@ -80,9 +83,9 @@ def test_reason_strings_are_the_documented_ones():
         "too many pixels",
         "tar truncated",
     )
-    assert decode.MEMBER_TOO_LARGE == "member too large"
-    assert len(set(decode.REASONS)) == len(decode.REASONS) == 11
-    assert decode.NOTES == (
+    assert reasons.MEMBER_TOO_LARGE == "member too large"
+    assert len(set(reasons.REASONS)) == len(reasons.REASONS) == 11
+    assert reasons.NOTES == (
         "link member",
         "extra image member",
         "unparsable label",
@@ -90,7 +93,43 @@ def test_reason_strings_are_the_documented_ones():
         "invalid JSON",
         "unreadable member",
     )
-    assert not set(decode.NOTES) & set(decode.REASONS)
+    assert not set(reasons.NOTES) & set(reasons.REASONS)
+    assert reasons.SHARD_UNREADABLE == "shard unreadable"
+    assert reasons.FILE_REASONS == (
+        "missing file",
+        "not a regular file",
+        "file too large",
+        "empty member",
+        "not an image",
+        "not in the labels file",
+        "outside the class folders",
+        "in a subfolder of a flat folder",
+        "bad list line",
+        "duplicate list line",
+        "directory link loop",
+    )
+
+
+def test_count_and_format_by_reason():
+    items = [
+        {"reason": "too small"},
+        Skip("a", 0, "corrupt image"),
+        Note("link member"),
+        {"reason": "too small"},
+    ]
+    counts = count_by_reason(items)
+    assert counts == {"corrupt image": 1, "link member": 1, "too small": 2}
+    assert list(counts) == ["corrupt image", "link member", "too small"]  # sorted, as records store them
+    assert format_by_reason(counts) == " (corrupt image: 1, link member: 1, too small: 2)"
+    assert format_by_reason({"b": 1, "a": 3}) == " (a: 3, b: 1)"
+    assert count_by_reason([]) == {} and format_by_reason({}) == ""
+
+
+def test_rejected_becomes_its_skip():
+    e = Rejected(TOO_SMALL, "20x20, shorter side < 64")
+    assert str(e) == "too small: 20x20, shorter side < 64"
+    assert e.skip("k", 3) == Skip("k", 3, TOO_SMALL, "20x20, shorter side < 64")
+    assert str(Rejected(EMPTY)) == EMPTY and Rejected(EMPTY).skip("", -1) == Skip("", -1, EMPTY, "")
 
 
 @pytest.mark.parametrize("ext", [".tar", ".tar.zst"])
@@ -187,7 +226,7 @@ def test_float_tiff_in_unit_range_is_scaled_and_0_255_kept():
     assert clipped.min() == 255
     nan = np.full((80, 90), 0.5)
     nan[3, 4] = np.nan
-    with pytest.raises(SkipSample) as e:
+    with pytest.raises(Rejected) as e:
         decode_image(float_tiff(nan))
     assert e.value.reason == CORRUPT and "non-finite" in e.value.detail
 
@@ -241,7 +280,7 @@ def test_jpeg_draft_keeps_orientation_and_limits():
     assert psnr_db(preprocess(full, 100), preprocess(drafted, 100, shape)) > 35
     # the limits apply to the declared size, before any reduction
     big = jpeg_bytes(photo_like(16, 1200, 1800))
-    with pytest.raises(SkipSample) as e:
+    with pytest.raises(Rejected) as e:
         decode_image(big, DecodeLimits(max_pixels=1_000_000), draft_side=64)
     assert e.value.reason == TOO_MANY_PIXELS
 
@@ -262,12 +301,12 @@ def test_decompression_bombs_are_rejected_from_the_header_fast():
     for width, height in [(100_000, 100_000), (8000, 6000)]:
         data = png_declaring(width, height)
         start = time.perf_counter()
-        with pytest.raises(SkipSample) as info:
+        with pytest.raises(Rejected) as info:
             decode_image(data)
         assert time.perf_counter() - start < 1.0
         assert info.value.reason == TOO_MANY_PIXELS
     # the limit is ours: a lower max_pixels applies before any decoding
-    with pytest.raises(SkipSample, match=TOO_MANY_PIXELS):
+    with pytest.raises(Rejected, match=TOO_MANY_PIXELS):
         decode_image(jpeg_bytes(photo_like(1, 96, 128)), DecodeLimits(max_pixels=96 * 128 - 1))
 
 
@@ -282,30 +321,30 @@ def test_truncation_and_corruption_are_told_apart():
         cases["webp"] = webp_bytes(photo)
     for name, data in cases.items():
         for fraction in (0.1, 0.5, 0.9):
-            with pytest.raises(SkipSample) as info:
+            with pytest.raises(Rejected) as info:
                 decode_image(data[: int(len(data) * fraction)])
             assert info.value.reason == TRUNCATED, (name, fraction, info.value)
-    with pytest.raises(SkipSample) as info:
+    with pytest.raises(Rejected) as info:
         decode_image(png_with_bad_pixels(photo))
     assert info.value.reason == CORRUPT
-    with pytest.raises(SkipSample) as info:
+    with pytest.raises(Rejected) as info:
         decode_image(b"\xff\xd8\xff\xe0" + b"\x00" * 40 + b"\xff\xd9")  # JPEG magic, complete, garbage
     assert info.value.reason == CORRUPT
 
 
 def test_empty_and_non_images():
-    with pytest.raises(SkipSample) as info:
+    with pytest.raises(Rejected) as info:
         decode_image(b"")
     assert info.value.reason == EMPTY
     for data in [b"plain text", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n", b"\x00" * 100]:
-        with pytest.raises(SkipSample) as info:
+        with pytest.raises(Rejected) as info:
             decode_image(data)
         assert info.value.reason == NOT_IMAGE, data
 
 
 def test_limits_are_options():
     tiny = jpeg_bytes(photo_like(3, 20, 20))
-    with pytest.raises(SkipSample, match=TOO_SMALL):
+    with pytest.raises(Rejected, match=TOO_SMALL):
         decode_image(tiny)
     assert decode_image(tiny, DecodeLimits(min_side=16)).shape == (20, 20, 3)
     wide = jpeg_bytes(photo_like(4, 100, 800))
@@ -321,7 +360,7 @@ def test_find_image_by_extension_then_content():
     assert find_image({"txt": b"BMW parked outside", "bin": jpeg}) == ("bin", jpeg)
     assert find_image({"data": png_bytes(photo_like(1, 70, 70))})[0] == "data"
     for members in [{"cls": b"1", "json": b"{}", "txt": b"BM" + b"\x00" * 40}, {}]:
-        with pytest.raises(SkipSample) as info:
+        with pytest.raises(Rejected) as info:
             find_image(members)
         assert info.value.reason == NO_IMAGE
 
@@ -382,7 +421,7 @@ def test_damaged_real_jpegs_are_corrupt_not_grey_rows(kind):
     for data in photos:
         bad = damaged(data, kind)
         Image.open(io.BytesIO(bad)).load()  # PIL alone decodes each of them without a word
-        with pytest.raises(SkipSample) as e:
+        with pytest.raises(Rejected) as e:
             decode_image(bad, DecodeLimits(max_pixels=10**9))
         assert e.value.reason == CORRUPT, (kind, e.value)
         # the undamaged photo still decodes, to the very pixels PIL gives
@@ -394,7 +433,7 @@ def test_damaged_real_jpegs_are_corrupt_not_grey_rows(kind):
 def test_big_header_over_small_data_is_corrupt():
     data = big_header_over_small_data()
     Image.open(io.BytesIO(data)).load()  # a flat grey 6000x6000 for PIL
-    with pytest.raises(SkipSample) as e:
+    with pytest.raises(Rejected) as e:
         decode_image(data, DecodeLimits(max_pixels=10**9))
     assert e.value.reason == CORRUPT and "premature end" in e.value.detail
 
@@ -422,8 +461,8 @@ def test_notes_extra_image_and_unparsable_label_keep_the_row():
     out = decode_sample(sample, image_size=64)
     assert isinstance(out, Decoded) and (out.key, out.index, out.label) == ("k", 3, None)
     assert out.notes == [
-        Note(decode.EXTRA_IMAGE, ".png not used (.jpg was)"),
-        Note(decode.BAD_LABEL, ".cls: b'cat'"),
+        Note(reasons.EXTRA_IMAGE, ".png not used (.jpg was)"),
+        Note(reasons.BAD_LABEL, ".cls: b'cat'"),
     ]
     np.testing.assert_array_equal(
         out.image, decode_sample(Sample("k", 3, {"jpg": photo}), image_size=64).image

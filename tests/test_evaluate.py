@@ -150,6 +150,7 @@ def test_plots_and_markdown(report):
     assert set(r["plots"].values()) == set(sizes)
     md = (out / "report.md").read_text()
     assert "0.25 bpp" in md and "| GQ tokens |" in md and "reconstructions.png" in md
+    assert "skipped 2 (not an image: 1, too small: 1)" in md  # the summaries' one by-reason format
 
 
 def test_limit_rule_and_unreadable_shard(shards, small_checkpoint, tmp_path):

@@ -20,9 +20,8 @@ from shardmaker import jpeg_bytes, photo_like, real_jpegs
 
 from gq.storage import is_temporary
 from jobs import make_shards
-from pipeline.data.decode import EMPTY, NOT_IMAGE
+from pipeline.data.reasons import EMPTY, MISSING, NOT_IMAGE
 from pipeline.data.samples import iter_samples
-from pipeline.pack.source_file import MISSING
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 
 REPO = Path(__file__).resolve().parents[1]

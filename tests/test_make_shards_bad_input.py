@@ -16,11 +16,18 @@ from test_make_shards import make, tar_samples
 
 from gq.storage import is_temporary
 from pipeline.cli import add_dataclass_arguments
+from pipeline.data.reasons import (
+    BAD_LIST_LINE,
+    DUPLICATE_LINE,
+    IN_SUBFOLDER,
+    LINK_LOOP,
+    MISSING,
+    NOT_REGULAR,
+    OUTSIDE_CLASSES,
+    TOO_LARGE,
+)
 from pipeline.pack.folder_shards import ShardingSettings
-from pipeline.pack.folder_walk import LINK_LOOP
-from pipeline.pack.image_folder import BAD_LIST_LINE, DUPLICATE_LINE, IN_SUBFOLDER, OUTSIDE_CLASSES
 from pipeline.pack.sample_keys import decode_key, key_part
-from pipeline.pack.source_file import MISSING, NOT_REGULAR, TOO_LARGE
 
 
 def jpeg(seed: int) -> bytes:

@@ -9,17 +9,8 @@ import pytest
 import zstandard
 from shardmaker import cut_tar, member_offsets, shard_samples
 
-from pipeline.data.samples import (
-    DUPLICATE,
-    LINK_MEMBER,
-    MEMBER_TOO_LARGE,
-    TAR_TRUNCATED,
-    Note,
-    Sample,
-    ShardUnreadable,
-    Skip,
-    iter_samples,
-)
+from pipeline.data.reasons import DUPLICATE, LINK_MEMBER, MEMBER_TOO_LARGE, TAR_TRUNCATED
+from pipeline.data.samples import Note, Sample, ShardUnreadable, Skip, iter_samples
 from pipeline.data.shards import expand_shards, open_shard, shard_stem
 from pipeline.pack.shard_writer import write_shard
 

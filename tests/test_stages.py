@@ -6,7 +6,8 @@ import io
 import pytest
 
 from pipeline.data.decode import Decoded
-from pipeline.data.samples import SHARD_UNREADABLE, Sample, Skip
+from pipeline.data.reasons import SHARD_UNREADABLE
+from pipeline.data.samples import Sample, Skip
 from pipeline.data.stages import batched, decoded, first_rows, shard_samples
 from pipeline.pack.shard_writer import write_shard
 

@@ -15,8 +15,7 @@ from shardmaker import jpeg_bytes, photo_like, real_jpegs
 
 import gq
 from pipeline.data import extras
-from pipeline.data.decode import BAD_LABEL
-from pipeline.data.extras import INVALID_JSON, INVALID_UTF8, UNREADABLE
+from pipeline.data.reasons import BAD_LABEL, INVALID_JSON, INVALID_UTF8, UNREADABLE
 from pipeline.pack.shard_writer import write_shard
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 from pipeline.tokens.records import check_run

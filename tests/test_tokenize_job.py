@@ -38,7 +38,7 @@ from shardmaker import (
 )
 
 import gq
-from pipeline.data.decode import BAD_LABEL, CORRUPT, EXTRA_IMAGE, LINK_MEMBER, MEMBER_TOO_LARGE, NO_IMAGE
+from pipeline.data.reasons import BAD_LABEL, CORRUPT, EXTRA_IMAGE, LINK_MEMBER, MEMBER_TOO_LARGE, NO_IMAGE
 from pipeline.pack.shard_writer import write_shard
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 

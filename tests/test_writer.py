@@ -11,7 +11,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.samples import DEFAULT_MAX_MEMBER_BYTES
+from pipeline.data.tar_reader import DEFAULT_MAX_MEMBER_BYTES
 from pipeline.io import join, write_atomic
 from pipeline.tokens.records import (
     RunMismatch,

@@ -1,5 +1,6 @@
 """Turning a WebDataset sample into a preprocessed RGB image and label, or into a Skip with a reason.
 
+The reasons are in pipeline/data/reasons.py, the JPEG integrity checks in pipeline/data/jpeg_checks.py.
 Thread-safe: no global state is changed per call (called from a thread pool), except one warnings filter
 set at import (see `_quiet_bomb_warnings`).
 """
@@ -8,60 +9,28 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.data.extras import INVALID_JSON, INVALID_UTF8, UNREADABLE
+from pipeline.data.jpeg_checks import damaged, strict_jpeg
 from pipeline.data.preprocess import preprocess, random_crop_flip
-from pipeline.data.samples import (
-    DEFAULT_MAX_MEMBER_BYTES,
-    DUPLICATE,
-    LINK_MEMBER,
-    MEMBER_TOO_LARGE,
-    TAR_TRUNCATED,
-    Note,
-    Sample,
-    Skip,
-)
-from pipeline.data.views import crop_views
-
-# Every reason a sample is skipped (REASONS) or noted while still becoming a row (NOTES), defined once:
-# here, or in pipeline/data/samples.py for what the tar reader decides.
-TRUNCATED = "truncated image"
-CORRUPT = "corrupt image"
-EMPTY = "empty member"
-NOT_IMAGE = "not an image"
-NO_IMAGE = "no image member"
-TOO_SMALL = "too small"
-ASPECT = "aspect ratio"
-TOO_MANY_PIXELS = "too many pixels"
-REASONS = (
-    TRUNCATED,
+from pipeline.data.reasons import (
+    ASPECT,
+    BAD_LABEL,
     CORRUPT,
     EMPTY,
-    NOT_IMAGE,
-    NO_IMAGE,
-    DUPLICATE,
-    TOO_SMALL,
-    ASPECT,
-    TOO_MANY_PIXELS,
-    TAR_TRUNCATED,
-    MEMBER_TOO_LARGE,
-)
-EXTRA_IMAGE = "extra image member"  # a second image member (.jpg and .png): the preferred one is used
-BAD_LABEL = "unparsable label"  # a .cls that is not an int64 integer: the row's label is null
-NOTES = (
-    LINK_MEMBER,
     EXTRA_IMAGE,
-    BAD_LABEL,
-    INVALID_UTF8,
-    INVALID_JSON,
-    UNREADABLE,
-)  # the last three: pipeline/data/extras.py
+    NO_IMAGE,
+    NOT_IMAGE,
+    TOO_MANY_PIXELS,
+    TOO_SMALL,
+)
+from pipeline.data.samples import Note, Rejected, Sample, Skip
+from pipeline.data.tar_reader import DEFAULT_MAX_MEMBER_BYTES
+from pipeline.data.views import crop_views
 
 # Extensions taken as the image member without looking at content, in order of preference.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "image", "gif", "bmp", "tif", "tiff")
@@ -79,12 +48,6 @@ _TRANSPOSING = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 # within 52.7 dB PSNR of the full decode's (mean; worst 43.4 dB), against 45.1 (31.5) dB with a margin
 # of 1, which would also speed up 600-900 px images (2x) where a margin of 2 leaves them as they are.
 DRAFT_MARGIN = 2
-# JPEG markers read by _strict_jpeg
-_SOS, _EOI, _DHT, _DRI, _APP2, _PROGRESSIVE = 0xDA, 0xD9, 0xC4, 0xDD, 0xE2, 0xC2
-_HUFFMAN_FRAMES = (0xC0, 0xC1, _PROGRESSIVE)  # baseline, extended sequential, progressive
-_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # ends entropy-coded data (0xff00 is a stuffed byte)
-_ANY_MARKER = re.compile(rb"\xff[^\x00]")  # the same without a restart interval: no RSTn belongs there
-_LOOKAHEAD = 128  # zero bytes after a scan: libjpeg-turbo reads up to ~114 bytes ahead of what it decodes
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
@@ -117,15 +80,6 @@ class DecodeLimits:
 DEFAULT_LIMITS = DecodeLimits()
 
 
-class SkipSample(Exception):
-    """A sample that cannot become a row; `reason` is one of the reason constants of this module."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
 @dataclass
 class Decoded:
     """A sample ready for the model: uint8 (image_size, image_size, 3) RGB after preprocessing, or
@@ -135,7 +89,9 @@ class Decoded:
     index: int
     label: int | None
     image: np.ndarray
-    notes: list[Note] = field(default_factory=list)  # what was odd about the sample (see NOTES)
+    notes: list[Note] = field(
+        default_factory=list
+    )  # what was odd about the sample (see NOTES in pipeline/data/reasons.py)
     size: tuple[int, int] | None = None  # (height, width) of the decoded image, EXIF orientation applied
     extras: dict = field(default_factory=dict)  # kept members' column values (pipeline/data/extras.py)
 
@@ -160,10 +116,10 @@ def decode_sample(
         try:
             draft_side = DRAFT_MARGIN * image_size if jpeg_draft else None
             image, full_shape = decode_image_and_shape(data, limits, draft_side=draft_side)
-        except SkipSample as e:
-            raise SkipSample(e.reason, f".{ext}: {e.detail}" if e.detail else f".{ext}") from None
-    except SkipSample as e:
-        return Skip(key=sample.key, index=sample.index, reason=e.reason, detail=e.detail)
+        except Rejected as e:
+            raise Rejected(e.reason, f".{ext}: {e.detail}" if e.detail else f".{ext}") from None
+    except Rejected as e:
+        return e.skip(sample.key, sample.index)
     if train_rng is not None:
         image = random_crop_flip(image, image_size, train_rng, full_shape)
     elif views == "center":
@@ -188,7 +144,7 @@ def find_image(members: dict[str, bytes]) -> tuple[str, bytes]:
     for ext, data in members.items():
         if _sniff(data):
             return ext, data
-    raise SkipSample(NO_IMAGE, f"members: {', '.join(sorted(members)) or 'none'}")
+    raise Rejected(NO_IMAGE, f"members: {', '.join(sorted(members)) or 'none'}")
 
 
 def label_of(members: dict[str, bytes]) -> int | None:
@@ -219,7 +175,7 @@ def notes_of(sample: Sample, image_ext: str) -> list[Note]:
 def decode_image(
     data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, *, draft_side: int | None = None
 ) -> np.ndarray:
-    """Encoded image bytes -> uint8 (H, W, 3) RGB with EXIF orientation applied; raises SkipSample.
+    """Encoded image bytes -> uint8 (H, W, 3) RGB with EXIF orientation applied; raises Rejected.
 
     draft_side: a JPEG is decoded at the smallest of libjpeg's 1/1, 1/2, 1/4, 1/8 scales whose shorter side
     is still >= draft_side (DCT scaling: the skipped detail is never decoded); other formats are unaffected.
@@ -240,21 +196,21 @@ def decode_image_and_shape(
     """`decode_image`, and the (height, width) the image has at full scale after EXIF orientation: the
     shape the preprocessing geometry is computed from, which a draft-decoded image no longer has."""
     if not data:
-        raise SkipSample(EMPTY, "0 bytes")
-    source, reterminated = _strict_jpeg(data) if data.startswith(b"\xff\xd8") else (data, False)
+        raise Rejected(EMPTY, "0 bytes")
+    source, reterminated = strict_jpeg(data) if data.startswith(b"\xff\xd8") else (data, False)
     try:
         image = Image.open(io.BytesIO(source), formats=_FORMATS)
     except Image.DecompressionBombError as e:
-        raise SkipSample(TOO_MANY_PIXELS, str(e)) from None
+        raise Rejected(TOO_MANY_PIXELS, str(e)) from None
     except UnidentifiedImageError:
         kind = _sniff(data)
         if kind is None:
-            raise SkipSample(NOT_IMAGE, f"{len(data)} bytes starting {data[:8]!r}") from None
-        raise _damaged(data, kind, "unreadable header") from None
+            raise Rejected(NOT_IMAGE, f"{len(data)} bytes starting {data[:8]!r}") from None
+        raise damaged(data, kind, "unreadable header") from None
     except MemoryError:
         raise
     except Exception as e:
-        raise _damaged(data, _sniff(data), f"{type(e).__name__}: {e}") from None
+        raise damaged(data, _sniff(data), f"{type(e).__name__}: {e}") from None
 
     with image:
         width, height = image.size
@@ -271,121 +227,28 @@ def decode_image_and_shape(
                 return rgb, rgb.shape[:2]
             return rgb, (width, height) if orientation in _TRANSPOSING else (height, width)
         except Image.DecompressionBombError as e:  # a GIF frame larger than the declared screen
-            raise SkipSample(TOO_MANY_PIXELS, str(e)) from None
-        except (MemoryError, SkipSample):
+            raise Rejected(TOO_MANY_PIXELS, str(e)) from None
+        except (MemoryError, Rejected):
             raise
         except Exception as e:
             if reterminated and "truncated" in str(e):
                 detail = f"premature end of JPEG data: the scan stops before the declared {width}x{height}"
-                raise SkipSample(CORRUPT, detail) from None
-            raise _damaged(data, image.format, f"{type(e).__name__}: {e}") from None
+                raise Rejected(CORRUPT, detail) from None
+            raise damaged(data, image.format, f"{type(e).__name__}: {e}") from None
 
 
 def check_size(width: int, height: int, limits: DecodeLimits) -> None:
-    """Raise SkipSample when a declared image size breaks the pixel, shorter-side or aspect limits."""
+    """Raise Rejected when a declared image size breaks the pixel, shorter-side or aspect limits."""
     size = f"{width}x{height}"
     if width * height > limits.max_pixels:
-        raise SkipSample(TOO_MANY_PIXELS, f"{size} > {limits.max_pixels} pixels")
+        raise Rejected(TOO_MANY_PIXELS, f"{size} > {limits.max_pixels} pixels")
     shorter, longer = min(width, height), max(width, height)
     if shorter == 0:
-        raise SkipSample(CORRUPT, f"declared size {size}")
+        raise Rejected(CORRUPT, f"declared size {size}")
     if shorter < limits.min_side:
-        raise SkipSample(TOO_SMALL, f"{size}, shorter side < {limits.min_side}")
+        raise Rejected(TOO_SMALL, f"{size}, shorter side < {limits.min_side}")
     if longer / shorter > limits.max_aspect:
-        raise SkipSample(ASPECT, f"{size}, aspect {longer / shorter:.2f} > {limits.max_aspect}")
-
-
-def _damaged(data: bytes, kind: str | None, message: str) -> SkipSample:
-    """TRUNCATED when PIL says so or the bytes lack their format's end marker, else CORRUPT.
-
-    PIL reports a cut JPEG as "image file is truncated", but a cut WebP as "could not create decoder
-    object" and zlib damage in a PNG as "broken data stream", so the end marker decides those.
-    """
-    if "truncated" in message or _looks_cut(data, kind):
-        return SkipSample(TRUNCATED, message)
-    return SkipSample(CORRUPT, message)
-
-
-def _strict_jpeg(data: bytes) -> tuple[bytes, bool]:
-    """The bytes to decode a JPEG from, and whether a marker that ended its scan was taken away.
-
-    libjpeg only warns (and PIL ignores its warnings) when a scan's data stops early at a marker: a file cut
-    and re-terminated with an end marker, or a 6000x6000 header over 64x64 of data, decodes to a grey
-    image. For a single-scan (baseline) JPEG we therefore decode the scan data without the marker that
-    follows it, padded with zero bytes (libjpeg reads a little ahead): a complete scan decodes as before,
-    a scan that stops early runs out of data and PIL raises "image file is truncated". A scan using a
-    Huffman table that no DHT segment defined (libjpeg would silently use its default tables) is corrupt.
-    Progressive, multi-scan sequential and multi-picture (MPO) JPEGs are decoded as they are.
-    """
-    pos, tables, huffman, components, restarts = 2, set(), 0, 0, False
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if marker == 0xFF or 0xD0 <= marker <= 0xD8 or marker == 0x01:  # fill byte, parameterless marker
-            pos += 1 if marker == 0xFF else 2
-            continue
-        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-        segment = data[pos + 4 : end]
-        if marker in _HUFFMAN_FRAMES:
-            huffman, components = marker, segment[5] if len(segment) > 5 else 0
-        elif marker == _DRI:
-            restarts = segment[:2] != b"\0\0"
-        elif marker == _DHT:
-            tables |= _huffman_tables(segment)
-        elif marker == _APP2 and segment.startswith(b"MPF\0"):
-            return data, False
-        elif marker == _SOS:
-            missing = _scan_tables(segment, huffman) - tables if huffman else set()
-            if missing:
-                names = ", ".join(f"{'AC' if c else 'DC'}{i}" for c, i in sorted(missing))
-                raise SkipSample(CORRUPT, f"missing Huffman table {names} (no DHT defines it)")
-            if huffman == _PROGRESSIVE or segment[:1] != bytes([components]):
-                return data, False  # progressive, or a sequential JPEG with one scan per component
-            stop = (_MARKER if restarts else _ANY_MARKER).search(data, end)
-            if stop is None:  # cut: no marker after the scan
-                return data + bytes(_LOOKAHEAD), False
-            return data[: stop.start()] + bytes(_LOOKAHEAD), True
-        elif marker == _EOI:
-            break
-        pos = end
-    return data, False
-
-
-def _huffman_tables(segment: bytes) -> set[tuple[int, int]]:
-    """(class, id) of each table a DHT segment defines (class 0: DC, 1: AC)."""
-    out, pos = set(), 0
-    while pos + 17 <= len(segment):
-        out.add((segment[pos] >> 4, segment[pos] & 15))
-        pos += 17 + sum(segment[pos + 1 : pos + 17])
-    return out
-
-
-def _scan_tables(segment: bytes, frame: int) -> set[tuple[int, int]]:
-    """(class, id) of the Huffman tables an SOS segment's scan decodes with."""
-    count = segment[0] if segment else 0
-    if len(segment) < 4 + 2 * count:
-        return set()
-    start, stop, approximation = segment[1 + 2 * count], segment[2 + 2 * count], segment[3 + 2 * count]
-    selectors = segment[2 : 2 + 2 * count : 2]
-    progressive_refinement = frame == _PROGRESSIVE and approximation >> 4
-    needed = set()
-    if start == 0 and not progressive_refinement:
-        needed |= {(0, s >> 4) for s in selectors}
-    if stop > 0:
-        needed |= {(1, s & 15) for s in selectors}
-    return needed
-
-
-def _looks_cut(data: bytes, kind: str | None) -> bool:
-    tail = data.rstrip(b"\0")[-1024:]
-    if kind in ("JPEG", "MPO"):
-        return b"\xff\xd9" not in tail
-    if kind == "PNG":
-        return b"IEND" not in tail[-16:]
-    if kind == "WEBP":
-        return int.from_bytes(data[4:8], "little") + 8 > len(data)
-    if kind == "GIF":
-        return not tail.endswith(b";")
-    return False
+        raise Rejected(ASPECT, f"{size}, aspect {longer / shorter:.2f} > {limits.max_aspect}")
 
 
 def image_format(data: bytes) -> str | None:
@@ -442,7 +305,7 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         # taken as the former (a 0..255 image that dark is black either way)
         values = np.asarray(image, dtype=np.float64)
         if not np.isfinite(values).all():
-            raise SkipSample(CORRUPT, "non-finite pixel values (float image)")
+            raise Rejected(CORRUPT, "non-finite pixel values (float image)")
         scale = 255.0 if values.size and values.min() >= 0 and values.max() <= 1 else 1.0
         return _gray_to_rgb(np.clip(values * scale, 0, 255).round().astype(np.uint8))
     palette_alpha = mode == "P" and image.palette is not None and image.palette.mode == "RGBA"

@@ -3,7 +3,7 @@
 `.txt` (any extension ending in "txt" or "text") becomes a UTF-8 string, `.json` a string holding the JSON
 text as it is (checked to parse), any other extension its bytes. A member that is absent gives null; one
 that is not valid UTF-8 or not valid JSON (or anything else its reading raises) gives null and a note on
-the row (NOTES in decode.py), never a failed shard.
+the row (NOTES in pipeline/data/reasons.py), never a failed shard.
 Extensions match in any case (".TXT" is kept as "txt").
 """
 
@@ -13,12 +13,9 @@ import json
 
 import pyarrow as pa
 
+from pipeline.data.reasons import INVALID_JSON, INVALID_UTF8, UNREADABLE
 from pipeline.data.samples import Note
 
-# Notes on a row whose kept member could not be kept (the row stays, the column is null).
-INVALID_UTF8 = "invalid UTF-8"
-INVALID_JSON = "invalid JSON"  # also a JSON text nested too deep or with a number too long to parse
-UNREADABLE = "unreadable member"  # anything else reading a kept member raised (MemoryError, ...)
 _DETAIL = 200  # longest exception text kept in a note
 # Column names a kept extension cannot take.
 RESERVED = ("key", "shard", "index", "label", "tokens", "view", "width", "height")

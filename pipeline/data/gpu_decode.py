@@ -18,14 +18,13 @@ from PIL import Image
 from pipeline.data.decode import (
     EXIF_ORIENTATION,
     DecodeLimits,
-    SkipSample,
     check_size,
     find_image,
     label_of,
     notes_of,
 )
 from pipeline.data.preprocess import resized_shape
-from pipeline.data.samples import Note, Sample
+from pipeline.data.samples import Note, Rejected, Sample
 
 RESIZE = "shorter side to image_size, torch bicubic antialias on the GPU (nvJPEG decode)"
 
@@ -57,7 +56,7 @@ def screen(sample: Sample, limits: DecodeLimits) -> EncodedJpeg | None:
     """An EncodedJpeg when the sample's image can take the GPU path, else None (the CPU path)."""
     try:
         ext, data = find_image(sample.members)
-    except SkipSample:
+    except Rejected:
         return None
     if not data.startswith(b"\xff\xd8\xff"):
         return None
@@ -71,7 +70,7 @@ def screen(sample: Sample, limits: DecodeLimits) -> EncodedJpeg | None:
         return None  # CMYK/YCCK and rotated images: the CPU path converts them
     try:
         check_size(width, height, limits)
-    except SkipSample:
+    except Rejected:
         return None
     label = label_of(sample.members)
     return EncodedJpeg(sample.key, sample.index, label, data, sample, notes_of(sample, ext), (height, width))

@@ -16,8 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from pipeline.data.decode import Decoded
-from pipeline.data.samples import DEFAULT_MAX_MEMBER_BYTES, SHARD_UNREADABLE, Sample, Skip, iter_samples
+from pipeline.data.reasons import SHARD_UNREADABLE
+from pipeline.data.samples import Sample, Skip, iter_samples
 from pipeline.data.shards import open_shard
+from pipeline.data.tar_reader import DEFAULT_MAX_MEMBER_BYTES
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -17,7 +17,8 @@ import gq
 from gq.audit import OperatingPoint, ReadinessAudit
 from pipeline.cli import option
 from pipeline.data.decode import DEFAULT_LIMITS, DecodeLimits
-from pipeline.data.samples import SHARD_UNREADABLE, Skip
+from pipeline.data.reasons import SHARD_UNREADABLE, format_by_reason
+from pipeline.data.samples import Skip
 from pipeline.evaluate import plots
 from pipeline.evaluate.report import EvalSettings, finite, image_batches
 from pipeline.io import join
@@ -66,7 +67,7 @@ def audit_shards(
     """Audit the first `settings.limit` decodable images of `shards`; (the audit, what was read)."""
     t0 = time.perf_counter()
     audit = ReadinessAudit(model, points)
-    skipped: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()  # counts, not the skips: a corpus may hold millions
     unreadable: list[str] = []
 
     def on_skip(url: str, skip: Skip) -> None:
@@ -133,32 +134,40 @@ def _plots(report: dict, audit: ReadinessAudit) -> dict[str, bytes]:
     axis = "latent channel"
     return {
         PLOTS["kl"]: plots.line(
-            values["kl_bits"], title=f"mean KL per channel (bits); red: log2 K / d = {per_dim:g}",
-            xlabel=axis, ylabel="KL (bits)", hline=per_dim,
+            values["kl_bits"],
+            title=f"mean KL per channel (bits); red: log2 K / d = {per_dim:g}",
+            xlabel=axis,
+            ylabel="KL (bits)",
+            hline=per_dim,
         ),
         PLOTS["mean"]: plots.line(
             values["mean"] - values["mean"].min(),
             title=f"aggregate mean per channel, minus its min {values['mean'].min():.3g}; red: N(0, 1)'s",
-            xlabel=axis, ylabel="mean - min", hline=-values["mean"].min(),
+            xlabel=axis,
+            ylabel="mean - min",
+            hline=-values["mean"].min(),
         ),
         PLOTS["var"]: plots.line(
-            values["var"], title="aggregate variance per channel; red: N(0, 1)'s 1",
-            xlabel=axis, ylabel="variance", hline=1.0,
+            values["var"],
+            title="aggregate variance per channel; red: N(0, 1)'s 1",
+            xlabel=axis,
+            ylabel="variance",
+            hline=1.0,
         ),
         PLOTS["usage"]: plots.code_usage(audit.stats[audit.own].code_counts.numpy()),
-    }  # fmt: skip
+    }
 
 
 def format_markdown(r: dict) -> str:
     """A human-readable audit.md from audit.json's content."""
-    ck = r["checkpoint"]
+    ck, skipped = r["checkpoint"], r["data"]["skipped_by_reason"]
     lines = [
         "# GQ readiness audit",
         "",
         f"- checkpoint: `{ck['path']}` (sha256 {str(ck['model_sha256'])[:16]}, "
         f"from {', '.join(ck['source'])}); calibrated: {'yes' if ck['calibration'] else 'no'}",
         f"- images: {r['images']} from {r['data']['shards']} shards at {r['data']['image_size']} px; "
-        f"skipped {r['data']['skipped_by_reason'] or 'none'}",
+        f"skipped {sum(skipped.values())}{format_by_reason(skipped)}",
     ]
     if not r["images"]:
         return "\n".join(lines + ["", "No image could be audited."]) + "\n"

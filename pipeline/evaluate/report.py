@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -24,7 +23,8 @@ from gq.evaluation import Evaluator
 from gq.model import fixed_image_size
 from pipeline.cli import option
 from pipeline.data.decode import DEFAULT_LIMITS, Decoded, DecodeLimits, decode_sample
-from pipeline.data.samples import SHARD_UNREADABLE, Skip
+from pipeline.data.reasons import SHARD_UNREADABLE, count_by_reason, format_by_reason
+from pipeline.data.samples import Skip
 from pipeline.data.stages import batched, decoded, first_rows, is_row, shard_samples
 from pipeline.evaluate import plots
 from pipeline.io import join
@@ -178,7 +178,7 @@ def build_report(run: EvalRun, model: gq.GQVAE, checkpoint: str, settings: EvalS
         },
         "skipped": {
             "count": len(run.skipped),
-            "by_reason": dict(sorted(Counter(s["reason"] for s in run.skipped).items())),
+            "by_reason": count_by_reason(run.skipped),
             "samples": run.skipped[:MAX_SKIPS_LISTED],
         },
         "seconds": round(run.seconds, 3),
@@ -240,7 +240,7 @@ def format_markdown(r: dict) -> str:
         f"groups {ck['groups']}, "
         f"layout {ck['layout']}",
         f"- images: {r['images']} from {r['data']['shards']} shards at {r['data']['image_size']} px; "
-        f"skipped {r['skipped']['count']} {r['skipped']['by_reason'] or ''}",
+        f"skipped {r['skipped']['count']}{format_by_reason(r['skipped']['by_reason'])}",
     ]
     if r["data"]["shards_unreadable"]:
         lines.append(f"- **unreadable shards**: {', '.join(r['data']['shards_unreadable'])}")

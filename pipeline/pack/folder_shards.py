@@ -21,7 +21,6 @@ import os
 import posixpath
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -32,9 +31,10 @@ from tqdm import tqdm
 
 from gq.storage import is_temporary
 from pipeline.cli import option
-from pipeline.data.decode import EMPTY, NOT_IMAGE, image_format
-from pipeline.data.samples import DEFAULT_MAX_MEMBER_BYTES
+from pipeline.data.decode import image_format
+from pipeline.data.reasons import EMPTY, NOT_IMAGE, count_by_reason, format_by_reason
 from pipeline.data.stages import ordered_map
+from pipeline.data.tar_reader import DEFAULT_MAX_MEMBER_BYTES
 from pipeline.io import join, read_json, remove_temporaries, write_atomic
 from pipeline.pack.image_folder import LAYOUT_CHOICES, FolderItem, FolderListing, list_image_folder
 from pipeline.pack.shard_writer import write_shard
@@ -91,14 +91,12 @@ class ShardingSummary:
     def format(self) -> str:
         rate = self.images_now / self.seconds if self.seconds else 0.0
         mb = self.bytes_now / self.seconds / 1e6 if self.seconds else 0.0
-        reasons = Counter(s["reason"] for s in self.skipped)
         lines = [
             f"make_shards: {self.layout}: {self.images} images in {self.shards} shards, "
             f"{self.bytes / 1e6:.1f} MB ({self.shards_before} shards finished before this run)",
             f"this run: {self.images_now} images in {self.seconds:.1f} s "
             f"({rate:.1f} images/s, {mb:.1f} MB/s)",
-            f"skipped files: {len(self.skipped)}"
-            + (f" ({', '.join(f'{r}: {n}' for r, n in sorted(reasons.items()))})" if reasons else ""),
+            f"skipped files: {len(self.skipped)}{format_by_reason(count_by_reason(self.skipped))}",
         ]
         lines += [f"  {s['reason']}: {s['file']} {s.get('detail', '')}".rstrip() for s in self.skipped[:20]]
         if len(self.skipped) > 20:
@@ -246,8 +244,15 @@ def _write_one(out: str, settings: ShardingSettings, number: int, items: list[Fo
             if why is not None:
                 skipped.append({"file": item.url, "key": item.key, "reason": why[0], "detail": why[1]})
                 continue
-            files.append({"file": item.url, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                          "key": item.key, "label": item.label})  # fmt: skip
+            files.append(
+                {
+                    "file": item.url,
+                    "size": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "key": item.key,
+                    "label": item.label,
+                }
+            )
             sample = {"__key__": item.key, item.ext: data}
             if item.label is not None:
                 sample["cls"] = item.label
@@ -261,8 +266,15 @@ def _write_one(out: str, settings: ShardingSettings, number: int, items: list[Fo
         while chunk := f.read(16 * 1024 * 1024):
             digest.update(chunk)
             size += len(chunk)
-    record = {"shard": name, "samples": count, "bytes": size, "sha256": digest.hexdigest(),
-              "first_key": items[0].key, "skipped": skipped, "files": files}  # fmt: skip
+    record = {
+        "shard": name,
+        "samples": count,
+        "bytes": size,
+        "sha256": digest.hexdigest(),
+        "first_key": items[0].key,
+        "skipped": skipped,
+        "files": files,
+    }
     write_atomic(
         join(out, RECORD_DIR, name + ".json"), json.dumps(record, indent=1, ensure_ascii=False).encode()
     )

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-LINK_LOOP = "directory link loop"  # a directory link to one of its own ancestors (not followed)
+from pipeline.data.reasons import LINK_LOOP
 
 
 @dataclass

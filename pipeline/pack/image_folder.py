@@ -28,15 +28,10 @@ from dataclasses import dataclass, field
 from fsspec.core import url_to_fs
 
 from pipeline.data.decode import IMAGE_EXTENSIONS
+from pipeline.data.reasons import BAD_LIST_LINE, DUPLICATE_LINE, IN_SUBFOLDER, NOT_LISTED, OUTSIDE_CLASSES
 from pipeline.pack.folder_walk import FolderWalk, walk_folder
 from pipeline.pack.sample_keys import KeyMaker
 
-# Reasons a file of the listing gives no sample (the tar-side reasons are in decode.py and samples.py).
-NOT_LISTED = "not in the labels file"
-OUTSIDE_CLASSES = "outside the class folders"  # a file beside the class folders
-IN_SUBFOLDER = "in a subfolder of a flat folder"
-BAD_LIST_LINE = "bad list line"
-DUPLICATE_LINE = "duplicate list line"  # the same file (and label) on an earlier line: packed once
 LAYOUTS = ("class folders", "flat folder", "list file")
 LAYOUT_CHOICES = ("auto", "flat", "classes")
 

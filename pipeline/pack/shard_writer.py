@@ -51,7 +51,7 @@ def _write_tar(raw: BinaryIO, samples: Iterable[dict[str, Any]], kind: str | Non
         # mtime=0 and no file name in the gzip header: the same tar gives the same .tar.gz bytes
         sink = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)
     elif kind == "zstd":
-        # a content checksum, so that readers notice damaged data (pipeline/data/samples.py
+        # a content checksum, so that readers notice damaged data (pipeline/data/tar_reader.py
         # fails such a shard)
         sink = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).stream_writer(
             raw, closefd=False

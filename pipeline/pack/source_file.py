@@ -16,9 +16,8 @@ import stat
 
 import fsspec
 
-MISSING = "missing file"  # no such file (a stale list line, a file deleted since the listing)
-NOT_REGULAR = "not a regular file"  # a FIFO, device, socket or directory: never read
-TOO_LARGE = "file too large"  # larger than --max-file-bytes: never read whole
+from pipeline.data.reasons import MISSING, NOT_REGULAR, TOO_LARGE
+
 _CHUNK = 16 * 1024 * 1024
 
 
@@ -95,10 +94,17 @@ def _not_usable(st: os.stat_result, max_bytes: int) -> tuple[str, str] | None:
     return None
 
 
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISDIR, "a directory")):  # fmt: skip
+    for test, name in _KINDS:
         if test(mode):
             return name
     return f"mode {oct(mode)}"

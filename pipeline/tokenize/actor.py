@@ -90,6 +90,9 @@ def tokenizer_actor(cpus: float, gpus: float):
     Spread over the cluster's nodes: CPU actors do not crowd one node while another idles, and a lost
     node takes as few actors as the placement allows."""
     return ray.remote(TokenizerActor).options(
-        num_cpus=cpus, num_gpus=gpus, max_restarts=0, runtime_env={"env_vars": actor_env()},
+        num_cpus=cpus,
+        num_gpus=gpus,
+        max_restarts=0,
+        runtime_env={"env_vars": actor_env()},
         scheduling_strategy="SPREAD",
-    )  # fmt: skip
+    )

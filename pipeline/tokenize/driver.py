@@ -160,9 +160,14 @@ def run_job(settings: JobSettings, shards: list[str], run: dict) -> JobSummary:
     if todo:
         cpus = actor_resources(settings.actors, settings.cpus_per_actor, settings.gpus_per_actor)
         pool = ActorPool(
-            min(settings.actors, len(todo)), settings.checkpoint, settings.options, settings.output,
-            run["model_sha256"], cpus, settings.gpus_per_actor,
-        )  # fmt: skip
+            size=min(settings.actors, len(todo)),
+            checkpoint=settings.checkpoint,
+            options=settings.options,
+            output=settings.output,
+            sha256=run["model_sha256"],
+            cpus=cpus,
+            gpus=settings.gpus_per_actor,
+        )
         bar = progress_bar(settings.progress, len(shards), summary.committed_before)
         try:
             _drain(pool, todo, settings, summary, bar, t0, index)

@@ -61,9 +61,16 @@ class ActorPool:
     """`size` tokenizer actors writing into `output`; actors report encoded images to one counter."""
 
     def __init__(
-        self, size: int, checkpoint: str, options: TokenizeOptions, output: str, sha256: str,
-        cpus: float, gpus: float,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        size: int,
+        checkpoint: str,
+        options: TokenizeOptions,
+        output: str,
+        sha256: str,
+        cpus: float,
+        gpus: float,
+    ) -> None:
         self.output = output
         self.size = size
         self.request = {"CPU": cpus} | ({"GPU": gpus} if gpus > 0 else {})  # per actor, named when stalled

@@ -19,9 +19,10 @@ import torch
 
 import gq
 from pipeline.data import gpu_decode
-from pipeline.data.decode import TAR_TRUNCATED, Decoded, decode_sample
+from pipeline.data.decode import Decoded, decode_sample
 from pipeline.data.extras import column_type, extra_values
 from pipeline.data.gpu_decode import EncodedJpeg, GpuJpegDecoder
+from pipeline.data.reasons import TAR_TRUNCATED
 from pipeline.data.samples import Sample, Skip
 from pipeline.data.shards import shard_identity, shard_stem
 from pipeline.data.stages import batched, decoded, shard_samples
@@ -229,9 +230,15 @@ class ShardTokenizer:
         size = self.model.config.quantizer.codebook.size
         meta = self.file_metadata()
         table = token_table(
-            result.keys, result.stem, result.indices, result.labels, result.tokens, size, meta,
-            self.extra_columns(result),
-        )  # fmt: skip
+            keys=result.keys,
+            shard=result.stem,
+            indices=result.indices,
+            labels=result.labels,
+            tokens=result.tokens,
+            codebook_size=size,
+            metadata=meta,
+            extra=self.extra_columns(result),
+        )
         data = parquet_bytes(table)
         write_atomic(token_url(output, result.stem), data)
         result.seconds["write"] = time.perf_counter() - t

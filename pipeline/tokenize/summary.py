@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pipeline.data.samples import TAR_TRUNCATED
+from pipeline.data.reasons import TAR_TRUNCATED, format_by_reason
 from pipeline.data.shards import shard_stem
 
 FAILED_NAMED = 20  # failed shards named in the summary; all of them are in the failure file
@@ -72,12 +72,12 @@ class JobSummary:
             f"({self.committed_before} before this run, {self.committed_now} now, {len(self.failed)} failed)",
             f"rows: {self.rows} tokenized in {self.seconds:.1f} s ({rate:.1f} rows/s; "
             "one row per view of an image)",
-            f"samples skipped: {sum(self.skipped.values())}{_by_reason(self.skipped)}",
+            f"samples skipped: {sum(self.skipped.values())}{format_by_reason(self.skipped)}",
         ]
         if self.actors_asked:
             lines.append(self._actors())
         if self.notes:
-            lines.append(f"notes on kept rows: {sum(self.notes.values())}{_by_reason(self.notes)}")
+            lines.append(f"notes on kept rows: {sum(self.notes.values())}{format_by_reason(self.notes)}")
         for stem, where in self.truncated_shards.items():
             lines.append(f"TRUNCATED {stem}: samples after the cut are lost ({where})")
         if self.retried or self.actor_restarts:
@@ -123,7 +123,3 @@ def _capped(tag: str, items: list[str], most: int = 20) -> list[str]:
 def _seconds(waits: list[float]) -> str:
     least, most = f"{min(waits):.1f}", f"{max(waits):.1f}"
     return f"{most} s" if least == most else f"{least}-{most} s"
-
-
-def _by_reason(counts: Counter) -> str:
-    return f" ({', '.join(f'{r}: {n}' for r, n in sorted(counts.items()))})" if counts else ""

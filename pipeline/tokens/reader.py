@@ -279,10 +279,20 @@ class TokenDataset(IterableDataset):
     ) -> None:
         super().__init__()
         columns = check_arguments(
-            seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, offset=offset, bos=bos, eos=eos,
-            dtype=dtype, with_meta=with_meta, missing_label=missing_label, rank=rank, world_size=world_size,
-            views=views, columns=columns,
-        )  # fmt: skip
+            seed=seed,
+            shuffle=shuffle,
+            shuffle_buffer=shuffle_buffer,
+            offset=offset,
+            bos=bos,
+            eos=eos,
+            dtype=dtype,
+            with_meta=with_meta,
+            missing_label=missing_label,
+            rank=rank,
+            world_size=world_size,
+            views=views,
+            columns=columns,
+        )
         if rank is None:
             distributed = dist.is_available() and dist.is_initialized()
             rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -405,9 +415,12 @@ class TokenDataset(IterableDataset):
         shards = table.column("shard").to_pylist()
         crc = {s: zlib.crc32(s.encode()) for s in set(shards)}
         chosen = chosen_views(
-            self.seed, self.epoch, np.array([crc[s] for s in shards], np.uint64),
-            table.column("index").to_numpy().astype(np.uint64), views,
-        )  # fmt: skip
+            seed=self.seed,
+            epoch=self.epoch,
+            shard=np.array([crc[s] for s in shards], np.uint64),
+            index=table.column("index").to_numpy().astype(np.uint64),
+            views=views,
+        )
         return np.flatnonzero(view == chosen)
 
     def _sequences(self, tokens: np.ndarray) -> torch.Tensor:

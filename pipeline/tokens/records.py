@@ -12,14 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import posixpath
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 import gq
-from pipeline.data.samples import DEFAULT_MAX_MEMBER_BYTES
+from pipeline.data.reasons import count_by_reason
+from pipeline.data.tar_reader import DEFAULT_MAX_MEMBER_BYTES
 from pipeline.io import join, read_json, remove_temporaries, write_atomic
 
 MANIFEST_DIR = "_manifest"
@@ -72,8 +72,11 @@ class Provenance:
     def fingerprints(self) -> dict:
         """What every record cites: the model file and the codebook, and this code's version."""
         m = self.model
-        return {"model_sha256": m.model_sha256, "codebook_fingerprint": m.codebook_fingerprint,
-                "gq_version": gq.__version__}  # fmt: skip
+        return {
+            "model_sha256": m.model_sha256,
+            "codebook_fingerprint": m.codebook_fingerprint,
+            "gq_version": gq.__version__,
+        }
 
     def run_record(self) -> dict:
         """The run record's provenance (IDENTITY_FIELDS and what explains them); the driver adds the job."""
@@ -123,14 +126,10 @@ class CommitRecord:
     def to_dict(self) -> dict:
         record = asdict(self)
         fingerprints = record.pop("fingerprints")
-        record["skipped_by_reason"] = _by_reason(self.skipped)
-        record["notes_by_reason"] = _by_reason(self.notes)
+        record["skipped_by_reason"] = count_by_reason(self.skipped)
+        record["notes_by_reason"] = count_by_reason(self.notes)
         record["seconds"] = {k: round(v, 4) for k, v in self.seconds.items()}
         return record | fingerprints
-
-
-def _by_reason(items: list[dict]) -> dict[str, int]:
-    return dict(sorted(Counter(item["reason"] for item in items).items()))
 
 
 class RunMismatch(ValueError):

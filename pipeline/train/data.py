@@ -22,7 +22,8 @@ import torch
 
 from pipeline.data.decode import DEFAULT_LIMITS, Decoded, DecodeLimits, decode_sample
 from pipeline.data.preprocess import to_model_input
-from pipeline.data.samples import SHARD_UNREADABLE, Sample, Skip
+from pipeline.data.reasons import SHARD_UNREADABLE
+from pipeline.data.samples import Sample, Skip
 from pipeline.data.shards import open_shard
 from pipeline.data.stages import ordered_map, shard_samples
 

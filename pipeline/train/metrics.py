@@ -13,8 +13,7 @@ import torch
 import torch.distributed as dist
 
 import gq
-from pipeline.data.decode import REASONS
-from pipeline.data.samples import SHARD_UNREADABLE
+from pipeline.data.reasons import REASONS, SHARD_UNREADABLE
 from pipeline.memory import peak_rss_mib
 from pipeline.train.checkpoint import say
 from pipeline.train.step import SCALARS
