@@ -77,15 +77,11 @@ class TokenizeOptions:
         if self.views != "center" and self.jpeg_decoder == "nvjpeg":
             raise ValueError("--views flip and tencrop crop on the CPU: use --jpeg-decoder pil or pil-draft")
 
-    @property
-    def is_settled(self) -> bool:
-        return None not in (self.image_size, self.decode_threads) and self.encoder_precision != "auto"
-
     def preprocessing(self) -> dict:
         """The preprocessing as recorded in token files and run records; with a bfloat16 encoder also the
         batch size: an image's bf16 tokens depend on the images sharing its batch (BATCH_DEPENDENT)."""
-        if not self.is_settled:
-            raise ValueError("settle_options(...) decides the image size, threads and precision first")
+        if self.image_size is None or self.encoder_precision == "auto":
+            raise ValueError("settle_options(...) decides the image size and the encoder precision first")
         resize = "shorter side to image_size, PIL bicubic (antialiased)"
         if self.jpeg_decoder == "pil-draft":
             draft = f"JPEGs decoded at 1/2-1/8 scale (shorter side >= {DRAFT_MARGIN}x image_size)"
