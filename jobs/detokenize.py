@@ -24,7 +24,7 @@ import pyarrow as pa
 import gq
 from pipeline.cli import add_config_arguments, config_from_args
 from pipeline.tokens.detokenizer import DetokenizeSettings, TokenMismatch, check_tokens_match, detokenize_file
-from pipeline.tokens.reader import list_token_files
+from pipeline.tokens.files import list_token_files
 from pipeline.tokens.writer import read_metadata
 
 

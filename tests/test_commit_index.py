@@ -21,8 +21,9 @@ from pipeline.data.shards import shard_identity
 from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job, uncommitted
 from pipeline.tokenize.processor import TokenizeOptions
 from pipeline.tokens.export import export_flat
+from pipeline.tokens.files import read_unit, tokens_array
 from pipeline.tokens.index import CommitIndex, entry_of, list_manifest, load_commits, read_index, write_index
-from pipeline.tokens.reader import TokenDataset, read_unit, tokens_array
+from pipeline.tokens.reader import TokenDataset
 from pipeline.tokens.records import CommitRecord, Provenance, read_run, write_manifest
 from pipeline.tokens.writer import parquet_bytes, row_groups_of, token_table
 

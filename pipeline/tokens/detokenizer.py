@@ -24,7 +24,7 @@ from gq.metrics import to_uint8
 from gq.model import GQVAE
 from pipeline.cli import option
 from pipeline.io import join
-from pipeline.tokens.reader import tokens_array
+from pipeline.tokens.files import tokens_array
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_PART = 200  # characters per path component (file systems allow 255 bytes)

@@ -26,11 +26,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from pipeline.tokens.reader import (
+from pipeline.io import atomic_open, write_atomic
+from pipeline.tokens.files import (
     WorkUnit,
     check_same_codebook,
     open_token_files,
@@ -70,7 +71,7 @@ def export_flat(
 ) -> dict:
     """Write PREFIX.bin / .idx / .json (see the module doc) from the token files named by `source` (a
     directory, glob, file, or list, local or fsspec); `prefix` is a local path. Returns the .json content.
-    Files with different codebooks are refused (pipeline.tokens.reader.TokenFileMismatch)."""
+    Files with different codebooks are refused (pipeline.tokens.files.TokenFileMismatch)."""
     if offset < 0:
         raise ValueError(f"offset must be >= 0, got {offset}")
     files = open_token_files(source)
@@ -81,35 +82,13 @@ def export_flat(
     top = max([offset + size - 1] + [t for t in (bos, eos) if t is not None])
     dtype = flat_dtype(top)
     bin_path, idx_path, json_path = _paths(prefix)
-    os.makedirs(os.path.dirname(os.path.abspath(bin_path)), exist_ok=True)
-
-    lengths: list[np.ndarray] = []
-    with open(bin_path + ".tmp", "wb") as out:
-        for f in files:
-            for row_group, rows in enumerate(f.row_groups):
-                if not rows:
-                    continue
-                columns = ["tokens", "view"] if view is not None and f.views > 1 else ["tokens"]
-                table = read_unit(WorkUnit(f.url, row_group, rows), columns)
-                tokens = tokens_array(table.column("tokens")).astype(np.int64) + offset
-                if len(columns) > 1:
-                    tokens = tokens[table.column("view").to_numpy() == view]
-                parts = [tokens]
-                if bos is not None:
-                    parts.insert(0, np.full((len(tokens), 1), bos, np.int64))
-                if eos is not None:
-                    parts.append(np.full((len(tokens), 1), eos, np.int64))
-                sequences = np.concatenate(parts, axis=1)
-                out.write(sequences.astype(dtype).tobytes())
-                lengths.append(np.full(len(sequences), sequences.shape[1], np.int64))
-        out.flush()
-        os.fsync(out.fileno())
+    with atomic_open(bin_path) as out:  # every file: a temporary name, fsync, rename
+        lengths = list(_write_sequences(out, files, dtype, offset, bos, eos, view))
     counts = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     offsets = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
-    with open(idx_path + ".tmp", "wb") as out:
-        out.write(_HEADER.pack(MAGIC, VERSION, dtype.itemsize, len(counts)))
-        out.write(offsets.astype("<i8").tobytes())
+    header = _HEADER.pack(MAGIC, VERSION, dtype.itemsize, len(counts))
+    write_atomic(idx_path, header + offsets.astype("<i8").tobytes())
     info = {
         "format": "gq-tokenizer/flat-tokens",
         "version": VERSION,
@@ -125,11 +104,30 @@ def export_flat(
         "sources": [{"file": f.url, "rows": f.rows} for f in files],
         "gq": meta,
     }
-    with open(json_path + ".tmp", "w") as out:
-        json.dump(info, out, indent=1, sort_keys=True)
-    for path in (bin_path, idx_path, json_path):
-        os.replace(path + ".tmp", path)
+    write_atomic(json_path, json.dumps(info, indent=1, sort_keys=True).encode())
     return info
+
+
+def _write_sequences(out, files, dtype, offset, bos, eos, view) -> Iterator[np.ndarray]:
+    """Write every row's [BOS] + (tokens + offset) + [EOS] to `out`, row group by row group; yields each
+    group's sequence lengths."""
+    for f in files:
+        for row_group, rows in enumerate(f.row_groups):
+            if not rows:
+                continue
+            columns = ["tokens", "view"] if view is not None and f.views > 1 else ["tokens"]
+            table = read_unit(WorkUnit(f.url, row_group, rows), columns)
+            tokens = tokens_array(table.column("tokens")).astype(np.int64) + offset
+            if len(columns) > 1:
+                tokens = tokens[table.column("view").to_numpy() == view]
+            parts = [tokens]
+            if bos is not None:
+                parts.insert(0, np.full((len(tokens), 1), bos, np.int64))
+            if eos is not None:
+                parts.append(np.full((len(tokens), 1), eos, np.int64))
+            sequences = np.concatenate(parts, axis=1)
+            out.write(sequences.astype(dtype).tobytes())
+            yield np.full(len(sequences), sequences.shape[1], np.int64)
 
 
 def open_flat(path: str) -> tuple[np.memmap, np.ndarray]:
