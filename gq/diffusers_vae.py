@@ -38,11 +38,25 @@ WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.
 DOWN_BLOCK, UP_BLOCK = "DownEncoderBlock2D", "UpDecoderBlock2D"
 # AutoencoderKL's config fields; any other (not starting with "_") may change the network: refused.
 KNOWN_FIELDS = {
-    "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
-    "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size", "scaling_factor",
-    "shift_factor", "latents_mean", "latents_std", "force_upcast", "use_quant_conv", "use_post_quant_conv",
+    "in_channels",
+    "out_channels",
+    "down_block_types",
+    "up_block_types",
+    "block_out_channels",
+    "layers_per_block",
+    "act_fn",
+    "latent_channels",
+    "norm_num_groups",
+    "sample_size",
+    "scaling_factor",
+    "shift_factor",
+    "latents_mean",
+    "latents_std",
+    "force_upcast",
+    "use_quant_conv",
+    "use_post_quant_conv",
     "mid_block_add_attention",
-}  # fmt: skip
+}
 # Kept in the provenance: the diffusion side's conventions, not part of the VAE's posterior.
 DIFFUSION_FIELDS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast")
 

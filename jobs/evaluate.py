@@ -64,8 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     report = build_report(run, model, job.checkpoint, settings)
     written = write_report(job.output, report, run)
     if audit is not None:
-        read = {"shards": len(shards), "shards_unreadable": run.unreadable, "image_size": settings.image_size,
-                "skipped_by_reason": report["skipped"]["by_reason"]}  # fmt: skip
+        read = {
+            "shards": len(shards),
+            "shards_unreadable": run.unreadable,
+            "image_size": settings.image_size,
+            "skipped_by_reason": report["skipped"]["by_reason"],
+        }
         written += write_audit(job.output, build_audit(audit, read, job.checkpoint), audit)
     if report["images"]:
         print(f"evaluate: {summary_line(report)}", flush=True)

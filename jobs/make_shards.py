@@ -51,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(summary.format(), flush=True)
     if summary.failed:
-        print(f"make_shards: failed: {len(summary.failed)} shard(s), e.g. {summary.failed[0]} "
-              "(run again to complete)", file=sys.stderr)  # fmt: skip
+        first = summary.failed[0]
+        print(
+            f"make_shards: failed: {len(summary.failed)} shard(s), e.g. {first} (run again to complete)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -178,8 +178,17 @@ def _regularizer(reg: dict, z_channels: int, where: str, fmt: str = "bchw") -> t
         )
     elif target == REGULARIZER2:
         layout, dim_key, size_key = "contiguous", "dim", "codebook_size"
-        known = {"dim", "codebook_size", "dim_idx", "logvar_range", "tolerance", "lam_factor", "seed", "beta",
-                 "use_ste"}  # fmt: skip
+        known = {
+            "dim",
+            "codebook_size",
+            "dim_idx",
+            "logvar_range",
+            "tolerance",
+            "lam_factor",
+            "seed",
+            "beta",
+            "use_ste",
+        }
         _require(params.get("dim_idx", 1), 1, f"{where}.params.dim_idx")
     else:
         raise CheckpointError(

@@ -48,8 +48,13 @@ class AuditSettings:
             raise ValueError(f"--images must be >= 1, got {self.images}")
         if not all(1 <= b <= 20 for b in self.codebook_bits or ()):
             raise ValueError(f"--codebook-bits must lie in 1..20, got {list(self.codebook_bits)}")
-        read = EvalSettings(self.image_size, self.batch_size, self.images, limits=self.limits,
-                            decode_threads=self.decode_threads)  # fmt: skip
+        read = EvalSettings(
+            image_size=self.image_size,
+            batch_size=self.batch_size,
+            limit=self.images,
+            limits=self.limits,
+            decode_threads=self.decode_threads,
+        )
         object.__setattr__(self, "read", read)  # (frozen) its __post_init__ checks the sizes
 
 

@@ -43,9 +43,6 @@ class TokenizerActor:
         if self.worker is None:
             self.worker = ShardTokenizer(*self._args)
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def where(self) -> dict:
         """Where this actor runs (named in the summary should it be lost): pid, node id and node IP."""
         node = ray.get_runtime_context().get_node_id()

@@ -188,8 +188,8 @@ def finish_output(output: str, index: CommitIndex, summary: JobSummary) -> None:
     """Bring the commit index up to date and write `_failed.json` (or remove a previous run's)."""
     index.try_flush()
     if index.error:
-        print(f"tokenize: warning: the commit index is behind ({index.error}); the next run rebuilds it",
-              file=sys.stderr)  # fmt: skip
+        behind = f"the commit index is behind ({index.error}); the next run rebuilds it"
+        print(f"tokenize: warning: {behind}", file=sys.stderr)
     write_failed(output, summary.failure_list())
 
 

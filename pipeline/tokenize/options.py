@@ -28,7 +28,6 @@ from pipeline.tokenize.precision import resolve_encoder_precision
 # and 10, 0.23% of the tokens; float32 2 tokens of 81,920: benchmarks/batch_invariance.py). Their batch
 # size is recorded in the preprocessing, so a resume cannot mix batch compositions either.
 BATCH_DEPENDENT = ("bfloat16",)
-ENCODER_PRECISIONS = ("float32", "bfloat16")  # what a run records ("auto" is settled into one of them)
 JPEG_DECODERS = ("pil", "pil-draft", "nvjpeg")
 DEFAULT_IMAGE_SIZE = 256
 
