@@ -5,12 +5,10 @@ the aggregate posterior's per-channel mean and variance against N(0, 1), code us
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 
 import gq
@@ -20,8 +18,7 @@ from pipeline.data.decode import DEFAULT_LIMITS, DecodeLimits
 from pipeline.data.reasons import SHARD_UNREADABLE, format_by_reason
 from pipeline.data.samples import Skip
 from pipeline.evaluate import plots
-from pipeline.evaluate.report import EvalSettings, finite, image_batches
-from pipeline.io import join
+from pipeline.evaluate.report import EvalSettings, document_files, finite, image_batches, write_files
 
 
 @dataclass(frozen=True)
@@ -114,21 +111,10 @@ def build_audit(audit: ReadinessAudit, read: dict, checkpoint: str) -> dict:
 
 def write_audit(output: str, report: dict, audit: ReadinessAudit) -> list[str]:
     """Write audit.json, audit.md and (when any image was audited) the plots under `output`; their URLs."""
-    fs, path = fsspec.core.url_to_fs(output)
-    fs.makedirs(path, exist_ok=True)
-    files = {
-        "audit.json": json.dumps(report, indent=1, sort_keys=True, allow_nan=False).encode(),
-        "audit.md": format_markdown(report).encode(),
-    }
+    files = document_files("audit", report, format_markdown(report))
     if audit.images:
         files |= _plots(report, audit)
-    written = []
-    for name, data in files.items():
-        url = join(output, name)
-        with fsspec.open(url, "wb") as f:
-            f.write(data)
-        written.append(url)
-    return written
+    return write_files(output, files)
 
 
 def _plots(report: dict, audit: ReadinessAudit) -> dict[str, bytes]:

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from itertools import chain
 
-import fsspec
 import numpy as np
 import torch
 
@@ -27,7 +26,7 @@ from pipeline.data.reasons import SHARD_UNREADABLE, count_by_reason, format_by_r
 from pipeline.data.samples import Skip
 from pipeline.data.stages import batched, decoded, first_rows, is_row, shard_samples
 from pipeline.evaluate import plots
-from pipeline.io import join
+from pipeline.io import join, write_atomic
 
 RULES = ("posterior", "mean")  # the GQ rules a report scores
 MAX_SKIPS_LISTED = 1000  # skipped samples listed one by one in report.json (all are counted by reason)
@@ -194,12 +193,7 @@ def build_report(run: EvalRun, model: gq.GQVAE, checkpoint: str, settings: EvalS
 
 def write_report(output: str, report: dict, run: EvalRun) -> list[str]:
     """Write report.json, report.md and (when any image was scored) the plots under `output`; their URLs."""
-    fs, path = fsspec.core.url_to_fs(output)
-    fs.makedirs(path, exist_ok=True)
-    files = {
-        "report.json": json.dumps(report, indent=1, sort_keys=True, allow_nan=False).encode(),
-        "report.md": format_markdown(report).encode(),
-    }
+    files = document_files("report", report, format_markdown(report))
     ev = run.evaluator
     if ev.images:
         ex = ev.example_images()
@@ -209,12 +203,21 @@ def write_report(output: str, report: dict, run: EvalRun) -> list[str]:
             kl.counts.numpy(), kl.bin_bits, target_bits=kl.target_bits, lo=kl.min, hi=kl.max
         )
         files[PLOTS["usage"]] = plots.code_usage(ev.code_counts.numpy())
+    return write_files(output, files)
+
+
+def document_files(stem: str, report: dict, markdown: str) -> dict[str, bytes]:
+    """`<stem>.json` (strict JSON: no NaN) and `<stem>.md`, as bytes by name."""
+    data = json.dumps(report, indent=1, sort_keys=True, allow_nan=False).encode()
+    return {f"{stem}.json": data, f"{stem}.md": markdown.encode()}
+
+
+def write_files(output: str, files: dict[str, bytes]) -> list[str]:
+    """Each file under `output` (a local path or fsspec URL), written atomically; their URLs."""
     written = []
     for name, data in files.items():
-        url = join(output, name)
-        with fsspec.open(url, "wb") as f:
-            f.write(data)
-        written.append(url)
+        write_atomic(join(output, name), data)
+        written.append(join(output, name))
     return written
 
 
