@@ -104,6 +104,7 @@ PIPELINE_MAY_IMPORT = {
     "tokenize": {"tokenize", "tokens", "data"},
     "train": {"train", "data"},
     "evaluate": {"evaluate", "tokens", "data"},
+    "convert": {"convert", "evaluate", "data"},
 }
 
 
