@@ -46,15 +46,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
         kl_mode={"choices": MODES},
     )
     args = p.parse_args(argv)
-    try:
+    try:  # the settings read --init's config: a bad file is exit 2 here, not a failed run
         settings = config_from_args(TrainSettings, args)
-    except ValueError as e:
-        p.error(str(e))
-    if settings.model.init:
-        try:
-            settings.model_config()  # reads --init's config: a bad file is exit 2 here, not a failed run
-        except (ValueError, OSError) as e:
-            p.error(f"--init {settings.model.init!r}: {e}")
+    except (ValueError, OSError) as e:
+        p.error(f"--init {args.init!r}: {e}" if args.init else str(e))
     if args.perceptual_weights and not os.path.isfile(args.perceptual_weights):
         p.error(f"--perceptual-weights {args.perceptual_weights!r}: no such file (nothing is downloaded)")
     return args, settings
