@@ -34,7 +34,7 @@ from pipeline.io import write_atomic  # noqa: E402
 from pipeline.memory import peak_rss_mib  # noqa: E402
 from pipeline.pack.shard_writer import write_shard  # noqa: E402
 from pipeline.tokenize.processor import TokenizeOptions  # noqa: E402
-from pipeline.tokens.records import read_manifest  # noqa: E402
+from pipeline.tokens.records import read_commit_record  # noqa: E402
 from pipeline.tokens.writer import parquet_bytes, token_table  # noqa: E402
 
 
@@ -139,7 +139,7 @@ def pipeline_child(args: argparse.Namespace) -> None:
         summary = run_job(settings, shards, run)
     finally:
         ray.shutdown()
-    records = [read_manifest(args.child_output, shard_stem(u)) for u in shards]
+    records = [read_commit_record(args.child_output, shard_stem(u)) for u in shards]
     actor_peak = max(r["worker"]["peak_rss_mib"] for r in records)
     # The actor's peak after each shard, in commit order: flat after warm-up means no growth with shards.
     series = [r["worker"]["peak_rss_mib"] for r in sorted(records, key=lambda r: r["committed_at"])]

@@ -72,7 +72,7 @@ def drive(inp: str, out: str, ckpt: str) -> dict:
     from pipeline.memory import peak_rss_mib
     from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job
     from pipeline.tokenize.processor import TokenizeOptions
-    from pipeline.tokens.records import committed_stems, read_manifest
+    from pipeline.tokens.records import committed_stems, read_commit_record
 
     settings = JobSettings(
         input=inp, output=out, checkpoint=ckpt, actors=ACTORS, cpus_per_actor=1, progress=False,
@@ -95,7 +95,7 @@ def drive(inp: str, out: str, ckpt: str) -> dict:
     if summary.committed_now:
         stems = sorted(committed_stems(out))
         for stem in stems:
-            s = read_manifest(out, stem)["seconds"]
+            s = read_commit_record(out, stem)["seconds"]
             busy += s.get("total", 0.0) + s.get("write", 0.0)
     n = max(summary.committed_now, 1)
     overhead = (t_run - summary.startup_seconds - busy / ACTORS) / n
@@ -179,7 +179,7 @@ def plant(out: str, inp_dir: str, n: int, ckpt: str, put) -> str:
     import gq
     from pipeline.tokenize.driver import plan, prepare_output
     from pipeline.tokens.index import CommitIndex, Commits
-    from pipeline.tokens.records import CommitRecord, Provenance, manifest_url, token_url
+    from pipeline.tokens.records import CommitRecord, Provenance, commit_record_url, token_url
     from pipeline.tokens.writer import parquet_bytes, row_groups_of, token_table
 
     inp = f"{inp_dir}/tiny-{{0000000..{n - 1:07d}}}.tar"
@@ -205,7 +205,7 @@ def plant(out: str, inp_dir: str, n: int, ckpt: str, put) -> str:
             fingerprints=prov.fingerprints(), row_groups=row_groups_of(token_bytes),
         ).to_dict()  # fmt: skip
         put(token_url(out, stem), token_bytes)
-        put(manifest_url(out, stem), json.dumps(record, indent=1, sort_keys=True).encode())
+        put(commit_record_url(out, stem), json.dumps(record, indent=1, sort_keys=True).encode())
         index.add(record)
     index.flush()  # as a run's closing rewrite
     return inp

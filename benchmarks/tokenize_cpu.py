@@ -47,7 +47,7 @@ from pipeline.data.samples import Sample  # noqa: E402
 from pipeline.data.shards import expand_shards  # noqa: E402
 from pipeline.tokenize.precision import resolve_encoder_precision  # noqa: E402
 from pipeline.tokenize.processor import AUTOCAST, ShardTokenizer, TokenizeOptions  # noqa: E402
-from pipeline.tokens.records import read_manifest  # noqa: E402
+from pipeline.tokens.records import read_commit_record  # noqa: E402
 
 STAGES = ("decode_pil", "encode", "search", "write")
 
@@ -131,7 +131,7 @@ def job(shards: str, name: str, cfg: dict, folder: Path, batch: int) -> dict:
     if done.returncode:
         raise RuntimeError(f"{name} job failed ({done.returncode}): {done.stderr[-2000:]}")
     wall = time.perf_counter() - start
-    records = [read_manifest(str(out), Path(u).stem) for u in expand_shards(shards)]
+    records = [read_commit_record(str(out), Path(u).stem) for u in expand_shards(shards)]
     rows = sum(r["rows"] for r in records)
     shard_s = sum(r["seconds"]["total"] + r["seconds"]["write"] for r in records)
     tokens = np.stack(pq.read_table(sorted(out.glob("*.parquet")))["tokens"].to_numpy(zero_copy_only=False))

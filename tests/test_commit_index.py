@@ -24,7 +24,7 @@ from pipeline.tokens.export import export_flat
 from pipeline.tokens.files import read_unit, tokens_array
 from pipeline.tokens.index import CommitIndex, entry_of, list_manifest, load_commits, read_index, write_index
 from pipeline.tokens.reader import TokenDataset
-from pipeline.tokens.records import CommitRecord, Provenance, read_run, write_manifest
+from pipeline.tokens.records import CommitRecord, Provenance, read_run, write_commit_record
 from pipeline.tokens.writer import parquet_bytes, row_groups_of, token_table
 
 N = 5000
@@ -216,7 +216,7 @@ def local_dir(tmp_path, checkpoint, n=30):
         (tmp_path / "out" / f"{stem}.parquet").write_bytes(data)
         record = commit(stem, url, b"", 2, data, provenance.fingerprints())
         record["shard_identity"] = shard_identity(url)  # a local file's: size and mtime
-        write_manifest(settings.output, stem, record)
+        write_commit_record(settings.output, stem, record)
     return settings
 
 

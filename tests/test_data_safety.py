@@ -20,7 +20,7 @@ from pipeline.pack.shard_writer import write_shard
 from pipeline.tokenize.driver import JobSettings, plan, prepare_output
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
 from pipeline.tokenize.summary import JobSummary
-from pipeline.tokens.records import manifest_url, read_manifest
+from pipeline.tokens.records import commit_record_url, read_commit_record
 
 REPO = Path(__file__).resolve().parents[1]
 OPTS = TokenizeOptions(image_size=64, batch_size=4, decode_threads=0)
@@ -101,7 +101,7 @@ def test_resume_refuses_a_committed_stem_that_names_another_shard(tmp_path, smal
 
     # a commit record written before records carried an identity is compared by URL
     old = {k: v for k, v in record.items() if k != "shard_identity"}
-    Path(manifest_url(str(out), "train-000000")).write_text(json.dumps(old))
+    Path(commit_record_url(str(out), "train-000000")).write_text(json.dumps(old))
     assert plan(s)[0] == [str(a)]
     with pytest.raises(ValueError, match="url"):
         plan(settings(b, out, small_checkpoint))
@@ -156,7 +156,7 @@ def test_summary_counts_samples_by_reason_and_names_truncated_shards(tmp_path, w
     summary = JobSummary(shards_total=2)
     for path in (shard, cut):
         summary.add(worker.process(str(path), str(tmp_path / "tokens")))
-    record = read_manifest(str(tmp_path / "tokens"), "cut-000000")
+    record = read_commit_record(str(tmp_path / "tokens"), "cut-000000")
     # the cut shard: sample 0 a row, sample 1 (its members may continue past the cut) a truncation skip
     assert record["rows"] == 1 and record["skipped_by_reason"] == {TAR_TRUNCATED: 1}
     assert summary.rows == 4 + 1

@@ -17,7 +17,7 @@ from pipeline.data.preprocess import preprocess
 from pipeline.data.stages import ordered_map
 from pipeline.pack.shard_writer import write_shard
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
-from pipeline.tokens.records import read_manifest
+from pipeline.tokens.records import read_commit_record
 from pipeline.tokens.writer import read_metadata
 
 OPTS = TokenizeOptions(image_size=64, batch_size=4, decode_threads=2)
@@ -67,7 +67,7 @@ def test_tokens_equal_model_tokenize(tmp_path, small_checkpoint):
     assert all(isinstance(v, int) for v in table["label"].to_pylist())
     np.testing.assert_array_equal(np.stack(table["tokens"].to_pylist()), ref_tokens)
     assert record["rows"] == 10 and record["skipped"] == [] and not record["tar_truncated"]
-    assert read_manifest(str(tmp_path / "out"), "train-000000") == json.loads(json.dumps(record))
+    assert read_commit_record(str(tmp_path / "out"), "train-000000") == json.loads(json.dumps(record))
 
 
 def test_pil_draft_tokens_are_the_model_on_draft_decoded_images(tmp_path, small_checkpoint):

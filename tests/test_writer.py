@@ -19,7 +19,7 @@ from pipeline.tokens.records import (
     clear_outputs,
     committed_stems,
     read_run,
-    write_manifest,
+    write_commit_record,
     write_run,
 )
 from pipeline.tokens.writer import parquet_bytes, read_metadata, token_table
@@ -82,8 +82,8 @@ def test_read_back_by_duckdb_and_pyarrow_dataset(tmp_path):
 def test_manifest_and_run_records(tmp_path):
     out = str(tmp_path / "tokens")
     assert committed_stems(out) == set() and read_run(out) is None
-    write_manifest(out, "train-000003", {"rows": 3})
-    write_manifest(out, "train-000001", {"rows": 1})
+    write_commit_record(out, "train-000003", {"rows": 3})
+    write_commit_record(out, "train-000001", {"rows": 1})
     assert committed_stems(out) == {"train-000001", "train-000003"}
     run = {
         "model_sha256": "m",
@@ -112,7 +112,7 @@ def test_memory_filesystem_single_put():
     out = "memory://writer-test/tokens"
     table, tokens = _table(65536)
     write_atomic(join(out, "a.parquet"), parquet_bytes(table))
-    write_manifest(out, "a", {"rows": 5})
+    write_commit_record(out, "a", {"rows": 5})
     assert committed_stems(out) == {"a"}
     with fsspec.open(join(out, "a.parquet"), "rb") as f:
         np.testing.assert_array_equal(np.stack(pq.read_table(f)["tokens"].to_pylist()), tokens)

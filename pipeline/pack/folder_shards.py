@@ -10,7 +10,8 @@ Each shard is written to a temporary name and renamed (one upload on object stor
 map: each sample's source path, size, sha256, key and label); a shard with its record is finished and
 left alone, so a rerun after a kill completes what is missing. A file that cannot be read for a reason
 other than its content (pipeline/pack/source_file.py) fails its shard, which gets no record: the job
-exits 1 and a rerun completes it. `DIR/classes.json` maps labels to class names.
+exits 1 and a rerun completes it. `DIR/classes.json` maps labels to class names. DIR is a resumable
+output directory (pipeline.io.resumable) with these names.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import posixpath
 import sys
 import time
 from collections.abc import Iterator
@@ -29,13 +29,13 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
-from gq.storage import is_temporary
 from pipeline.cli import option
 from pipeline.data.decode import image_format
 from pipeline.data.reasons import EMPTY, NOT_IMAGE, count_by_reason, format_by_reason
 from pipeline.data.stages import ordered_map
 from pipeline.data.tar_reader import DEFAULT_MAX_MEMBER_BYTES
-from pipeline.io import join, read_json, remove_temporaries, write_atomic
+from pipeline.io import join
+from pipeline.io.resumable import ResumableDir, check_plan, listed, write_json
 from pipeline.pack.image_folder import LAYOUT_CHOICES, FolderItem, FolderListing, list_image_folder
 from pipeline.pack.shard_writer import write_shard
 from pipeline.pack.source_file import read_source
@@ -107,6 +107,11 @@ class ShardingSummary:
         return "\n".join(lines)
 
 
+def shards_dir(output: str) -> ResumableDir:
+    """DIR as a resumable output directory: its plan record and the shards' records."""
+    return ResumableDir(output, PLAN_FILE, RECORD_DIR)
+
+
 def shard_name(prefix: str, number: int) -> str:
     return f"{prefix}-{number:06d}.tar"
 
@@ -142,16 +147,16 @@ def plan_shards(settings: ShardingSettings) -> tuple[FolderListing, list[list[Fo
         "shards": len(shards),
         "listing_sha256": digest.hexdigest(),
     }
-    previous = read_json(join(settings.output, PLAN_FILE))
-    if previous is not None:
-        # a plan written before a field existed implied today's value for it (the listing digest still
-        # tells a listing that differs, e.g. a class folder the older run dropped)
-        diffs = [k for k in plan if previous.get(k) != plan[k] and (k in previous or k not in ADDED_FIELDS)]
-        if diffs:
-            detail = "; ".join(f"{k}: {_brief(previous.get(k))} != {_brief(plan[k])}" for k in diffs[:3])
-            raise ValueError(
-                f"--output {settings.output} holds shards of another plan ({detail}): use a new --output"
-            )
+    # a plan written before a field existed implied today's value for it (the listing digest still tells
+    # a listing that differs, e.g. a class folder the older run dropped)
+    check_plan(
+        shards_dir(settings.output).read_plan(),
+        plan,
+        f"--output {settings.output} holds shards of another plan ({{detail}}): use a new --output",
+        implied={k: plan[k] for k in ADDED_FIELDS},
+        limit=3,
+        brief=_brief,
+    )
     return listing, shards, plan | {"skipped": listing.skipped}
 
 
@@ -172,14 +177,10 @@ def _check_output(source: str, out: str) -> None:
         inside, folder = os.path.realpath(path), os.path.realpath(source)
         if inside == folder or inside.startswith(folder.rstrip("/") + "/"):
             raise ValueError(f"--output {out} lies inside --input {source}: give a directory outside it")
-    if not fs.isdir(path) or fs.exists(posixpath.join(path, PLAN_FILE)):
-        return
-    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
-    names = [n for n in names if not is_temporary(n)]  # a killed first run's half-written plan record
+    names = shards_dir(out).foreign_entries()
     if names:
-        more = ", ..." if len(names) > 3 else ""
         raise ValueError(
-            f"--output {out} is not empty ({', '.join(names[:3])}{more}) and holds no {PLAN_FILE} of this "
+            f"--output {out} is not empty ({listed(names)}) and holds no {PLAN_FILE} of this "
             "job: give a new or empty directory (files this job did not write are never overwritten)"
         )
 
@@ -190,18 +191,17 @@ def make_shards(settings: ShardingSettings) -> ShardingSummary:
     t0 = time.perf_counter()
     listing, shards, plan = plan_shards(settings)
     out = settings.output
-    write_atomic(
-        join(out, PLAN_FILE), json.dumps(plan, indent=1, sort_keys=True, ensure_ascii=False).encode()
-    )
+    directory = shards_dir(out)
+    directory.write_plan(plan, sort_keys=True, ensure_ascii=False)
     if listing.classes is not None:
         classes = {"classes": listing.classes, "label_of": {c: i for i, c in enumerate(listing.classes)}}
-        write_atomic(join(out, CLASSES_FILE), json.dumps(classes, indent=1, ensure_ascii=False).encode())
-    _remove_temporaries(out)
+        write_json(join(out, CLASSES_FILE), classes, ensure_ascii=False)
+    directory.clear_temporaries()
     summary = ShardingSummary(layout=listing.layout, shards=len(shards))
     records = {}
     todo = []
     for number in range(len(shards)):
-        record = read_json(join(out, RECORD_DIR, shard_name(settings.prefix, number) + ".json"))
+        record = directory.read_record(shard_name(settings.prefix, number))
         if record is not None:
             records[number] = record
         else:
@@ -275,9 +275,7 @@ def _write_one(out: str, settings: ShardingSettings, number: int, items: list[Fo
         "skipped": skipped,
         "files": files,
     }
-    write_atomic(
-        join(out, RECORD_DIR, name + ".json"), json.dumps(record, indent=1, ensure_ascii=False).encode()
-    )
+    shards_dir(out).write_record(name, record, ensure_ascii=False)
     return record
 
 
@@ -289,12 +287,3 @@ def _unusable(data: bytes) -> tuple[str, str] | None:
     if image_format(data) is None:
         return NOT_IMAGE, f"{len(data)} bytes starting {data[:8]!r}"
     return None
-
-
-def _remove_temporaries(out: str) -> None:
-    """Temporary shard and record files a killed run left behind (local DIR only; an object store has
-    none)."""
-    fs, path = url_to_fs(out)
-    if isinstance(fs, LocalFileSystem):
-        remove_temporaries(path)
-        remove_temporaries(posixpath.join(path, RECORD_DIR))

@@ -30,7 +30,7 @@ from pipeline.data.views import VIEW_SETS
 from pipeline.io import write_atomic
 from pipeline.memory import peak_rss_mib
 from pipeline.tokenize.options import TokenizeOptions, settle_options
-from pipeline.tokens.records import CommitRecord, Provenance, token_url, write_manifest
+from pipeline.tokens.records import CommitRecord, Provenance, token_url, write_commit_record
 from pipeline.tokens.writer import parquet_bytes, row_groups_of, token_table
 
 AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16}  # the encoder precision -> its autocast dtype
@@ -259,5 +259,5 @@ class ShardTokenizer:
             fingerprints=self.provenance.fingerprints(),
             row_groups=row_groups_of(data),
         ).to_dict()
-        write_manifest(output, result.stem, record)
+        write_commit_record(output, result.stem, record)
         return record

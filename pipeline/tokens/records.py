@@ -4,7 +4,8 @@ A shard is committed when `DIR/_manifest/<stem>.json` exists; it is written only
 file is in place, so a job killed at any moment and started again redoes exactly the uncommitted shards.
 `DIR/_run.json` pins the model, codebook and preprocessing: a later run with different ones is refused.
 `DIR/_failed.json` lists the shards the last run could not commit. The commit index that lets a resume
-skip reading every record is pipeline.tokens.index.
+skip reading every record is pipeline.tokens.index. DIR is a resumable output directory
+(pipeline.io.resumable) with these names.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import posixpath
 from dataclasses import asdict, dataclass, field
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 import gq
 from pipeline.data.reasons import count_by_reason
 from pipeline.data.tar_reader import DEFAULT_MAX_MEMBER_BYTES
-from pipeline.io import join, read_json, remove_temporaries, write_atomic
+from pipeline.io import join, read_json, write_atomic
+from pipeline.io.resumable import PlanMismatch, ResumableDir, check_plan, with_implied
 
 MANIFEST_DIR = "_manifest"
 RUN_FILE = "_run.json"
@@ -132,40 +133,43 @@ class CommitRecord:
         return record | fingerprints
 
 
-class RunMismatch(ValueError):
+class RunMismatch(PlanMismatch):
     """The output directory holds tokens from a different model, codebook or preprocessing."""
+
+
+def token_dir(output: str) -> ResumableDir:
+    """DIR as a resumable output directory: its run record and the shards' commit records."""
+    return ResumableDir(output, RUN_FILE, MANIFEST_DIR)
 
 
 def token_url(output: str, stem: str) -> str:
     return join(output, f"{stem}.parquet")
 
 
-def manifest_url(output: str, stem: str) -> str:
-    return join(output, MANIFEST_DIR, f"{stem}.json")
+def commit_record_url(output: str, stem: str) -> str:
+    return token_dir(output).record_url(stem)
 
 
 def committed_stems(output: str) -> set[str]:
     """Stems of the shards whose commit record exists."""
-    fs, path = fsspec.core.url_to_fs(join(output, MANIFEST_DIR))
-    fs.invalidate_cache()  # object-store listings are cached per filesystem instance
-    if not fs.exists(path):
-        return set()
-    names = [posixpath.basename(p) for p in fs.ls(path, detail=False)]
-    return {n[: -len(".json")] for n in names if n.endswith(".json") and not n.startswith(".")}
+    return token_dir(output).committed()
 
 
-def write_manifest(output: str, stem: str, record: CommitRecord | dict) -> None:
+def write_commit_record(output: str, stem: str, record: CommitRecord | dict) -> None:
     record = record.to_dict() if isinstance(record, CommitRecord) else record
-    write_atomic(manifest_url(output, stem), json.dumps(record, indent=1, sort_keys=True).encode())
+    token_dir(output).write_record(stem, record, sort_keys=True)
 
 
-def read_manifest(output: str, stem: str) -> dict:
-    with fsspec.open(manifest_url(output, stem), "rb") as f:
-        return json.loads(f.read())
+def read_commit_record(output: str, stem: str) -> dict:
+    """Shard `stem`'s commit record; FileNotFoundError when the shard is not committed."""
+    record = token_dir(output).read_record(stem)
+    if record is None:
+        raise FileNotFoundError(commit_record_url(output, stem))
+    return record
 
 
 def read_run(output: str) -> dict | None:
-    return read_json(join(output, RUN_FILE))
+    return token_dir(output).read_plan()
 
 
 def recorded_preprocessing(output: str) -> dict:
@@ -184,21 +188,21 @@ def check_run(previous: dict | None, current: dict) -> None:
         return
     before, now = previous.get("preprocessing"), current.get("preprocessing")
     if isinstance(before, dict) and isinstance(now, dict):  # an older record: what its absent keys implied
-        implied = {k: v for k, v in ADDED_PREPROCESSING.items() if k in now and k not in before}
-        if "batch_size" in now and "batch_size" not in before:  # a bf16 run from before it was recorded
-            implied["batch_size"] = (previous.get("settings") or {}).get("batch_size")
-        previous = previous | {"preprocessing": before | implied}
-    diffs = [f for f in IDENTITY_FIELDS if previous.get(f) != current.get(f)]
-    if diffs:
-        detail = "; ".join(f"{f}: {previous.get(f)!r} != {current.get(f)!r}" for f in diffs)
-        raise RunMismatch(
-            f"the output directory holds tokens of a different run ({detail}); "
-            "use a new --output or --on-existing overwrite"
-        )
+        # (a bf16 run from before batch_size was recorded used its settings' batch size)
+        implied = ADDED_PREPROCESSING | {"batch_size": (previous.get("settings") or {}).get("batch_size")}
+        previous = previous | {"preprocessing": with_implied(before, now, implied)}
+    check_plan(
+        previous,
+        current,
+        "the output directory holds tokens of a different run ({detail}); "
+        "use a new --output or --on-existing overwrite",
+        fields=IDENTITY_FIELDS,
+        error=RunMismatch,
+    )
 
 
 def write_run(output: str, run: dict) -> None:
-    write_atomic(join(output, RUN_FILE), json.dumps(run, indent=1, sort_keys=True).encode())
+    token_dir(output).write_plan(run, sort_keys=True)
 
 
 def write_failed(output: str, failed: list[dict]) -> None:
@@ -223,24 +227,13 @@ def read_failed(output: str) -> list[dict]:
 
 def foreign_entries(output: str) -> list[str]:
     """Names in DIR when DIR holds something but no run record of ours (else []): files we did not write."""
-    fs, path = fsspec.core.url_to_fs(output)
-    fs.invalidate_cache()
-    # a DIR of ours is told by its run record alone: listing it would read every token file's name (one
-    # LIST page per 1,000 on an object store, 1,000 pages at 10^6 shards) on every resume
-    if fs.exists(posixpath.join(path, RUN_FILE)) or not fs.isdir(path):
-        return []
-    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
-    return [] if RUN_FILE in names else names
+    return token_dir(output).foreign_entries()
 
 
 def clear_temporaries(output: str) -> list[str]:
     """Delete the temporary files that writers killed mid-write (a lost driver's actors) left in DIR and
-    DIR/_manifest, before a run starts its own writers; the names deleted. Local DIRs only: on an object
-    store a file is one PUT, never seen half done."""
-    fs, path = fsspec.core.url_to_fs(output)
-    if not isinstance(fs, LocalFileSystem):
-        return []
-    return remove_temporaries(path) + remove_temporaries(posixpath.join(path, MANIFEST_DIR))
+    DIR/_manifest, before a run starts its own writers; the names deleted (local DIRs only)."""
+    return token_dir(output).clear_temporaries()
 
 
 def clear_outputs(output: str) -> int:
@@ -253,7 +246,7 @@ def clear_outputs(output: str) -> int:
         return 0
     doomed = []
     for stem in sorted(committed_stems(output)):
-        doomed += [token_url(output, stem), manifest_url(output, stem)]
+        doomed += [token_url(output, stem), commit_record_url(output, stem)]
     doomed += [join(output, RUN_FILE), join(output, FAILED_FILE)]
     doomed = [p for p in (fsspec.core.url_to_fs(u)[1] for u in doomed) if fs.exists(p)]
     manifest = posixpath.join(path, MANIFEST_DIR)

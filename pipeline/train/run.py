@@ -46,12 +46,13 @@ import gq
 from gq.losses import load_perceptual
 from pipeline import ROOT
 from pipeline.data.shards import expand_shards
-from pipeline.io import write_atomic
+from pipeline.io.resumable import ResumableDir, differing
 from pipeline.train.checkpoint import TrainState, latest_checkpoint, prepare_resume, reexport
-from pipeline.train.config import TrainSettings
+from pipeline.train.config import ModelSettings, TrainSettings
 from pipeline.train.loop import train_loop_per_worker
 
 EXPERIMENT = "ray_train"  # Ray Train's run name: its storage is DIR/ray_train
+RUN_FILE = "run.json"  # the run's plan record (pipeline.io.resumable)
 MODEL_KEYS = ("preset", "kl_mode", "init")  # ModelSettings fields a restart may not change (nor the point)
 # Ray Train's wait for a worker group's placement group (default 60 s, then retried without limit); the
 # driver's value is handed on to its controller.
@@ -256,26 +257,30 @@ def git_commit() -> str | None:
 
 def write_run_json(out: Path, settings: TrainSettings, commit: str | None) -> None:
     """DIR/run.json; refuses a restart that changes what the model is (preset, bpp, KL mode)."""
-    path = out / "run.json"
+    directory = ResumableDir(str(out), RUN_FILE)
+    previous = directory.read_plan()
     starts = []
-    if path.exists():
-        previous = json.loads(path.read_text())
+    if previous is not None:
         before = TrainSettings.from_dict(previous["settings"]).model  # flat or by component
-        changed = [
-            f"{k}={getattr(before, k)!r}"
-            for k in MODEL_KEYS
-            if getattr(before, k) != getattr(settings.model, k)
-        ]
-        if before.model_config().quantizer != settings.model_config().quantizer:  # bpp=0.25 is tokens=1024
-            changed += [f"{k}={getattr(before, k)!r}" for k in ("bpp", "tokens", "bits")]
-        if changed:
-            was = ", ".join(changed)
+        was = _model_identity(before)
+        changed = differing(was, _model_identity(settings.model))
+        shown = [f"{k}={was[k]!r}" for k in changed if k != "quantizer"]
+        if "quantizer" in changed:  # bpp=0.25 is tokens=1024: named by what the user gave
+            shown += [f"{k}={getattr(before, k)!r}" for k in ("bpp", "tokens", "bits")]
+        if shown:
+            was = ", ".join(shown)
             raise ValueError(f"{out} holds a run with {was}; use another --output to train a different model")
         starts = previous.get("starts", [])
+    directory.clear_temporaries()  # a killed export's; DIR is this run's and nothing writes it yet
     starts.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": commit})
     record = {
         "settings": settings.to_dict(),
         "model_config": settings.model_config().to_dict(),
         "starts": starts,
     }
-    write_atomic(str(path), (json.dumps(record, indent=2) + "\n").encode())
+    directory.write_plan(record, end="\n", indent=2)
+
+
+def _model_identity(model: ModelSettings) -> dict:
+    """What a restart may not change: MODEL_KEYS and the quantizer they and bpp/tokens/bits make."""
+    return {k: getattr(model, k) for k in MODEL_KEYS} | {"quantizer": model.model_config().quantizer}

@@ -1,5 +1,6 @@
 """URLs and writes shared by every part of the pipeline: joins that keep URL schemes, and the atomic write
-(defined once, in `gq.storage`, which checkpoints use too)."""
+(defined once, in `gq.storage`, which checkpoints use too). pipeline.io.resumable is the resumable output
+directory (plan record, commit records, temporaries) that the jobs write into."""
 
 from __future__ import annotations
 
