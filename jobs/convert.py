@@ -25,47 +25,17 @@ if __name__ == "__main__":  # as a script, jobs/ heads sys.path and its tokenize
 import argparse
 
 import gq
-from pipeline.convert.conversions import calibration_in, diffusers_in, official_in, official_out
+from pipeline.convert.conversions import SUBCOMMANDS, calibration_in, diffusers_in, official_in, official_out
 from pipeline.evaluate.calibration import CalibrationError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="direction", required=True)
-    a = sub.add_parser("from-official", help="official .ckpt + YAML -> our .safetensors")
-    a.add_argument("--checkpoint", required=True, help="the official Lightning .ckpt (path or fsspec URL)")
-    a.add_argument("--config", required=True, help="its YAML config (configs/sd3unet_gq_*.yaml style)")
-    a.add_argument("--output", required=True, help="our .safetensors checkpoint to write")
-    b = sub.add_parser("to-official", help="our .safetensors -> official .ckpt + YAML")
-    b.add_argument("--checkpoint", required=True, help="our .safetensors checkpoint (path or fsspec URL)")
-    b.add_argument("--output", required=True, help="the official-format .ckpt to write")
-    b.add_argument("--config-output", help="its YAML (default: the --output path with .yaml)")
-    b.add_argument(
-        "--resolution",
-        type=int,
-        help="the config's `resolution`, which places attention (default: the converted model's, else 256)",
-    )
-    c = sub.add_parser("from-diffusers", help="diffusers AutoencoderKL directory -> our .safetensors")
-    c.add_argument("--vae", required=True, help="directory save_pretrained wrote (path or fsspec URL)")
-    c.add_argument("--group-dim", type=int, help="GQ group dimension d (default: all latent channels)")
-    c.add_argument("--codebook-bits", type=int, default=16, help="log2 K, the codebook size (default 16)")
-    c.add_argument("--layout", choices=["interleaved", "contiguous"], default="interleaved")
-    c.add_argument("--calibrate", metavar="SHARDS", help="image shards to measure the prior on")
-    d = sub.add_parser("calibrate", help="our .safetensors -> the same model with a measured prior")
-    d.add_argument("--checkpoint", required=True, help="our .safetensors checkpoint (path or fsspec URL)")
-    d.add_argument(
-        "--calibrate", metavar="SHARDS", required=True, help="image shards to measure the prior on"
-    )
-    for parser in (c, d):
-        parser.add_argument(
-            "--calibrate-images", type=int, default=1000, help="images measured (default 1000)"
-        )
-        parser.add_argument(
-            "--image-size", type=int, default=256, help="shorter side resized to this, center crop"
-        )
-        parser.add_argument("--batch-size", type=int, default=8, help="calibration images per forward pass")
-        parser.add_argument("--output", required=True, help="our .safetensors checkpoint to write")
-    for parser in (a, b, c, d):
+    for name, (help_, options) in SUBCOMMANDS.items():
+        parser = sub.add_parser(name, help=help_)
+        for flag, keywords in options.items():
+            parser.add_argument(flag, **keywords)
         parser.add_argument("--force", action="store_true", help="replace output files that already exist")
     return p.parse_args(argv)
 

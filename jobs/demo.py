@@ -14,22 +14,14 @@ if __name__ == "__main__":  # as a script, jobs/ heads sys.path and its tokenize
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout instead
 
 import argparse
-from functools import partial
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
-import torch
-
 import gq
-from gq.metrics import psnr, to_uint8, usage_from_counts
 from jobs import startup
-from pipeline.data.decode import Decoded, decode_sample
-from pipeline.data.shards import expand_shards, shard_stem
-from pipeline.data.stages import decoded, shard_samples
-from pipeline.evaluate.plots import reconstruction_grid
-from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job
-from pipeline.tokenize.processor import TokenizeOptions
+from pipeline.evaluate.roundtrip import round_trip
+from pipeline.tokenize.driver import plan, prepare_output, run_job
+from pipeline.tokenize.options import TokenizeOptions
+from pipeline.tokenize.settings import JobSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = REPO / "assets" / "demo" / "gq-small-f8c16-0.25bpp-tdc.safetensors"
@@ -44,17 +36,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=256, help="tokenized image size")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     return p.parse_args(argv)
-
-
-def originals(spec: str, image_size: int) -> dict[tuple[str, str], np.ndarray]:
-    """(shard stem, key) -> the preprocessed uint8 image the pipeline tokenized."""
-    decode = partial(decode_sample, image_size=image_size)
-    return {
-        (shard_stem(url), d.key): d.image
-        for url in expand_shards(spec)
-        for d in decoded(shard_samples(url), decode)
-        if isinstance(d, Decoded)
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,24 +61,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print("2/3 reading the token files back and decoding them ...")
     model = gq.load(args.checkpoint)
-    table = pq.read_table(tokens_dir, columns=["shard", "key", "tokens"])
-    h, w = (args.image_size // model.downsample,) * 2
-    groups = model.config.quantizer.groups
-    tokens = torch.from_numpy(np.stack(table["tokens"].to_numpy(zero_copy_only=False)).astype(np.int64))
-    images = originals(args.input, args.image_size)
-    x = torch.from_numpy(
-        np.stack([images[(s, k)] for s, k in zip(table["shard"].to_pylist(), table["key"].to_pylist())])
-    )
-    gq_images = to_uint8(model.detokenize(tokens.reshape(len(tokens), h, w, groups)))
-    continuous = to_uint8(model.reconstruct(x))
+    trip = round_trip(tokens_dir, args.input, model, args.image_size)
     grid = Path(args.output) / "grid.png"
-    grid.write_bytes(reconstruction_grid([x.numpy(), continuous.numpy(), gq_images.numpy()]))
+    grid.write_bytes(trip.png())
 
     print("3/3 results")
-    k = model.config.quantizer.codebook.size
-    usage = usage_from_counts(torch.bincount(tokens.reshape(-1), minlength=k))
-    p_gq, p_cont = psnr(x, gq_images).mean().item(), psnr(x, continuous).mean().item()
-    print(f"images: {len(tokens)}, {tokens.shape[1]} tokens each ({h}x{w}x{groups}, K = {k})")
+    (h, w, groups), k = trip.grid, trip.codebook_size
+    p_gq, p_cont = trip.psnr_db()
+    usage = trip.usage()
+    print(f"images: {len(trip.tokens)}, {trip.tokens.shape[1]} tokens each ({h}x{w}x{groups}, K = {k})")
     print(f"PSNR, GQ tokens decoded:      {p_gq:.2f} dB")
     print(f"PSNR, continuous VAE (mu):    {p_cont:.2f} dB   (quantization costs {p_cont - p_gq:.2f} dB)")
     print(

@@ -30,6 +30,57 @@ from pipeline.data.shards import expand_shards
 from pipeline.evaluate.calibration import CalibrationError, calibrate
 from pipeline.evaluate.report import EvalSettings
 
+# The command line of jobs/convert.py, a subcommand per conversion.
+OURS, SHARDS = "our .safetensors checkpoint (path or fsspec URL)", "image shards to measure the prior on"
+CALIBRATION = {  # the options of the subcommands that measure a prior
+    "--calibrate-images": {"type": int, "default": 1000, "help": "images measured (default 1000)"},
+    "--image-size": {"type": int, "default": 256, "help": "shorter side resized to this, center crop"},
+    "--batch-size": {"type": int, "default": 8, "help": "calibration images per forward pass"},
+    "--output": {"required": True, "help": "our .safetensors checkpoint to write"},
+}
+SUBCOMMANDS = {  # name -> (help, its options)
+    "from-official": (
+        "official .ckpt + YAML -> our .safetensors",
+        {
+            "--checkpoint": {"required": True, "help": "the official Lightning .ckpt (path or fsspec URL)"},
+            "--config": {"required": True, "help": "its YAML config (configs/sd3unet_gq_*.yaml style)"},
+            "--output": {"required": True, "help": "our .safetensors checkpoint to write"},
+        },
+    ),
+    "to-official": (
+        "our .safetensors -> official .ckpt + YAML",
+        {
+            "--checkpoint": {"required": True, "help": OURS},
+            "--output": {"required": True, "help": "the official-format .ckpt to write"},
+            "--config-output": {"help": "its YAML (default: the --output path with .yaml)"},
+            "--resolution": {
+                "type": int,
+                "help": "the config's `resolution`, which places attention (default: "
+                "the converted model's, else 256)",
+            },
+        },
+    ),
+    "from-diffusers": (
+        "diffusers AutoencoderKL directory -> our .safetensors",
+        {
+            "--vae": {"required": True, "help": "directory save_pretrained wrote (path or fsspec URL)"},
+            "--group-dim": {"type": int, "help": "GQ group dimension d (default: all latent channels)"},
+            "--codebook-bits": {"type": int, "default": 16, "help": "log2 K, the codebook size (default 16)"},
+            "--layout": {"choices": ["interleaved", "contiguous"], "default": "interleaved"},
+            "--calibrate": {"metavar": "SHARDS", "help": SHARDS},
+        }
+        | CALIBRATION,
+    ),
+    "calibrate": (
+        "our .safetensors -> the same model with a measured prior",
+        {
+            "--checkpoint": {"required": True, "help": OURS},
+            "--calibrate": {"metavar": "SHARDS", "required": True, "help": SHARDS},
+        }
+        | CALIBRATION,
+    ),
+}
+
 
 def official_in(checkpoint: str, config: str, output: str, *, force: bool = False) -> list[str]:
     """An official .ckpt + YAML -> our .safetensors."""
