@@ -71,9 +71,12 @@ def entry_of(record: dict, tag: str | None = None) -> Entry:
     pinned = record.get("shard_identity") or {"url": record.get("shard")}
     groups = record.get("row_groups")
     return Entry(
-        tag, json.dumps(pinned), int(record.get("rows", 0)),
-        tuple(groups) if groups is not None else None, record.get("codebook_fingerprint"),
-    )  # fmt: skip
+        tag=tag,
+        shard_identity=json.dumps(pinned),
+        rows=int(record.get("rows", 0)),
+        row_groups=tuple(groups) if groups is not None else None,
+        codebook_fingerprint=record.get("codebook_fingerprint"),
+    )
 
 
 @dataclass
@@ -127,14 +130,15 @@ def write_index(output: str, entries: dict[str, Entry], k: int, older: Iterable[
     """Index generation k of `entries` (in one atomic write), then the older generations deleted."""
     stems = sorted(entries)
     rows = [entries[s] for s in stems]
-    table = pa.table(
-        [
-            stems, [e.tag for e in rows], [e.shard_identity for e in rows], [e.rows for e in rows],
-            [list(e.row_groups) if e.row_groups is not None else None for e in rows],
-            [e.codebook_fingerprint for e in rows],
-        ],
-        schema=SCHEMA,
-    )  # fmt: skip
+    columns = {
+        "stem": stems,
+        "record_tag": [e.tag for e in rows],
+        "shard_identity": [e.shard_identity for e in rows],
+        "rows": [e.rows for e in rows],
+        "row_groups": [list(e.row_groups) if e.row_groups is not None else None for e in rows],
+        "codebook_fingerprint": [e.codebook_fingerprint for e in rows],
+    }
+    table = pa.table(list(columns.values()), schema=SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     write_atomic(index_url(output, k), buf.getvalue())
