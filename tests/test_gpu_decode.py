@@ -107,11 +107,11 @@ def test_nvjpeg_option_keeps_rows_skips_and_tokens(tmp_path, small_checkpoint):
 
 
 def test_nvjpeg_option_is_checked():
-    with pytest.raises(ValueError, match="jpeg_decoder"):
+    with pytest.raises(ValueError, match="jpeg.decoder"):
         TokenizeOptions(jpeg_decoder="libjpeg")
-    with pytest.raises(ValueError, match="encoder_precision"):
+    with pytest.raises(ValueError, match="encoder.precision"):
         TokenizeOptions(encoder_precision="float16")
-    assert TokenizeOptions(jpeg_decoder="nvjpeg").preprocessing()["jpeg_decoder"] == "nvjpeg"
+    assert TokenizeOptions(image_size=256, jpeg_decoder="nvjpeg").preprocessing()["jpeg_decoder"] == "nvjpeg"
 
 
 def test_nvjpeg_without_a_gpu_is_refused(small_checkpoint):

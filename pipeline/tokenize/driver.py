@@ -9,7 +9,6 @@ no actor, and no room on the cluster for one within `actor_wait`, stops with the
 
 from __future__ import annotations
 
-import posixpath
 import sys
 import time
 from collections import Counter, deque
@@ -26,7 +25,7 @@ from pipeline.data.samples import ShardUnreadable
 from pipeline.data.shards import expand_shards_listed, identity_mismatch, listed_identities, shard_stem
 from pipeline.io import join
 from pipeline.tokenize.pool import ActorPool, actor_resources
-from pipeline.tokenize.settings import JobSettings, settle
+from pipeline.tokenize.settings import JobSettings, check_paths, settle
 from pipeline.tokenize.summary import JobSummary
 from pipeline.tokens.index import CommitIndex, Commits, load_commits
 from pipeline.tokens.records import (
@@ -51,29 +50,6 @@ def check_exist(shards: list[str]) -> None:
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"input shards not found: {', '.join(missing[:3])}{more}")
-
-
-def check_paths(checkpoint: str, output: str) -> None:
-    """One-line errors for a checkpoint that is a directory and an output that is a file or under one."""
-    fs, path = fsspec.core.url_to_fs(checkpoint)
-    if fs.isdir(path):
-        raise ValueError(f"--checkpoint {checkpoint} is a directory: give the .safetensors file")
-    fs, path = fsspec.core.url_to_fs(output)
-    path = path.rstrip("/")
-    at = path
-    while at:
-        try:  # (not isdir: on an object store that lists the whole directory, 10^6 token files)
-            kind = fs.info(at)["type"]
-        except (FileNotFoundError, NotADirectoryError):
-            kind = None
-        if kind == "directory":
-            break
-        if kind == "file":
-            where = "is a file" if at == path else f"lies under the file {at}"
-            raise ValueError(f"--output {output} {where}: give a directory")
-        if posixpath.dirname(at) == at:
-            break
-        at = posixpath.dirname(at)
 
 
 class PlannedShards(list):

@@ -5,7 +5,10 @@ leaves open from the model, the actors and the run being resumed in DIR (tokens/
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 from dataclasses import dataclass, field
+
+import fsspec
 
 import gq
 from pipeline.cli import option
@@ -53,9 +56,33 @@ class JobSettings:
             raise ValueError("--jpeg-decoder nvjpeg needs GPU actors (--gpus-per-actor > 0)")
 
 
+def check_paths(checkpoint: str, output: str) -> None:
+    """One-line errors for a checkpoint that is a directory and an output that is a file or under one."""
+    fs, path = fsspec.core.url_to_fs(checkpoint)
+    if fs.isdir(path):
+        raise ValueError(f"--checkpoint {checkpoint} is a directory: give the .safetensors file")
+    fs, path = fsspec.core.url_to_fs(output)
+    path = path.rstrip("/")
+    at = path
+    while at:
+        try:  # (not isdir: on an object store that lists the whole directory, 10^6 token files)
+            kind = fs.info(at)["type"]
+        except (FileNotFoundError, NotADirectoryError):
+            kind = None
+        if kind == "directory":
+            break
+        if kind == "file":
+            where = "is a file" if at == path else f"lies under the file {at}"
+            raise ValueError(f"--output {output} {where}: give a directory")
+        if posixpath.dirname(at) == at:
+            break
+        at = posixpath.dirname(at)
+
+
 def settle(settings: JobSettings) -> tuple[JobSettings, str | None]:
     """The settings with every "decide for me" decided (see options.settle_options), resuming DIR's run
     where there is one; and a warning or None. ValueError (one line) for a model that refuses them."""
+    check_paths(settings.checkpoint, settings.output)  # before reading either
     model = gq.describe(settings.checkpoint)
     recorded = recorded_preprocessing(settings.output) if settings.on_existing == "skip" else {}
     gpu = settings.gpus_per_actor > 0
