@@ -80,7 +80,9 @@ def restored(ray_cluster):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("shards")
-    for i in range(6):
+    # enough work that the run outlasts the node removal after its first commit on a quiet machine too
+    # (with 6 shards of 6 images the survivors once finished everything before the node was gone)
+    for i in range(12):
         make_shard(str(d / f"part-{i:06d}.tar"), 6, seed=200 + i, start_key=1000 * i)
     return sorted(d.glob("*.tar"))
 
