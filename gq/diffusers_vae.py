@@ -28,7 +28,7 @@ from gq.codebook import CodebookSpec
 from gq.model import GQVAE, ModelConfig
 from gq.networks import NetworkConfig
 from gq.quantizer import QuantizerConfig
-from gq.state_map import load_mapped_state
+from gq.state_map import load_mapped_state, network_names
 from gq.tdc import TDCConfig
 from gq.version import __version__
 
@@ -177,18 +177,13 @@ _LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v."
 
 def diffusers_names(model: GQVAE) -> dict[str, tuple[str, ...]]:
     """Each network tensor of ours -> its diffusers name(s); our fused qkv is three (to_q, to_k, to_v)."""
-    names = {}
-    for name in model.state_dict():
-        if not name.startswith(("encoder.", "decoder.")):
-            continue
-        theirs = name
-        for pattern, replacement in _RENAMES:
-            theirs = re.sub(pattern, replacement, theirs)
-        if ".qkv." in theirs:
-            names[name] = tuple(theirs.replace(".qkv.", f".to_{p}.") for p in "qkv")
-        else:
-            names[name] = (theirs,)
-    return names
+    return network_names(model, _diffusers_name, ("to_q", "to_k", "to_v"))
+
+
+def _diffusers_name(name: str) -> str:
+    for pattern, replacement in _RENAMES:
+        name = re.sub(pattern, replacement, name)
+    return name
 
 
 def _modern_name(name: str) -> str:

@@ -7,10 +7,26 @@ tensor is consumed and every parameter filled, checks each shape, and loads the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from gq.checkpoint import CheckpointError
 from gq.model import GQVAE
+
+
+def network_names(
+    model: GQVAE, rename: Callable[[str], str], qkv: tuple[str, str, str]
+) -> dict[str, tuple[str, ...]]:
+    """Each encoder/decoder tensor of ours -> its source name(s): `rename(ours)`, and for our fused qkv
+    conv the three source names with `.qkv.` replaced by `.{q}.`, `.{k}.`, `.{v}.` in that order."""
+    names = {}
+    for name in model.state_dict():
+        if name.startswith(("encoder.", "decoder.")):
+            theirs = rename(name)
+            parts = [theirs.replace(".qkv.", f".{p}.") for p in qkv] if ".qkv." in theirs else [theirs]
+            names[name] = tuple(parts)
+    return names
 
 
 def _listed(what: str, names: list[str]) -> str:

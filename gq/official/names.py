@@ -7,6 +7,7 @@ import re
 from gq.checkpoint import CheckpointError
 from gq.model import GQVAE
 from gq.official.config import NORM_GROUPS
+from gq.state_map import network_names
 from gq.vit import ViTConfig
 
 # Our name -> the official one, applied in order; `{up}` is the decoder level counted from full resolution.
@@ -48,13 +49,4 @@ def official_names(model: GQVAE) -> dict[str, tuple[str, ...]]:
             f"{model.config.network.norm_groups}"
         )
     levels = len(model.config.network.ch_mult)
-    names = {}
-    for name in model.state_dict():
-        if not name.startswith(("encoder.", "decoder.")):
-            continue
-        official = _official_name(name, levels)
-        if ".qkv." in official:
-            names[name] = tuple(official.replace(".qkv.", f".{p}.") for p in "qkv")
-        else:
-            names[name] = (official,)
-    return names
+    return network_names(model, lambda name: _official_name(name, levels), ("q", "k", "v"))
