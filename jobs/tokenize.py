@@ -39,10 +39,10 @@ def parse_args(argv: list[str] | None = None) -> JobSettings:
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     try:  # decided here, on the driver, so that the run record pins concrete values (never "auto")
-        settings, warning = settle(settings)
+        settings, warning, model = settle(settings)
         if warning:
             print(f"tokenize: warning: {warning}", file=sys.stderr, flush=True)
-        shards, run = plan(settings)
+        shards, run = plan(settings, model)
         prepare_output(settings, run)
     except (ValueError, OSError) as e:  # bad arguments, unreadable paths: one line, exit 2
         print(f"tokenize: error: {e}", file=sys.stderr)

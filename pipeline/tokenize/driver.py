@@ -24,6 +24,7 @@ import gq
 from pipeline.data.samples import ShardUnreadable
 from pipeline.data.shards import expand_shards_listed, identity_mismatch, listed_identities, shard_stem
 from pipeline.io import join
+from pipeline.tokenize.options import is_settled
 from pipeline.tokenize.pool import ActorPool, actor_resources
 from pipeline.tokenize.settings import JobSettings, check_paths, settle
 from pipeline.tokenize.summary import JobSummary
@@ -80,9 +81,10 @@ def check_committed(output: str, shards: list[str], listed: dict[str, dict]) -> 
     return commits
 
 
-def plan(settings: JobSettings) -> tuple[list[str], dict]:
-    """Validate the settings against the paths and the model; the shard URLs and the run record (of the
-    settled settings: `settle`). Raises ValueError for bad arguments."""
+def plan(settings: JobSettings, model: gq.ModelIdentity | None = None) -> tuple[list[str], dict]:
+    """Validate the settings against the paths and the model (`model`: its identity, when the caller has
+    read it); the shard URLs and the run record. Settings with something left undecided are settled here
+    (`settle`); the job passes settled ones. Raises ValueError for bad arguments."""
     check_paths(settings.checkpoint, settings.output)
     urls, listed = expand_shards_listed(settings.input)
     shards = PlannedShards(urls)
@@ -101,9 +103,10 @@ def plan(settings: JobSettings) -> tuple[list[str], dict]:
     clashes = [s for s, n in stems.items() if n > 1]
     if clashes:
         raise ValueError(f"shards with the same name would write the same token file: {clashes[:5]}")
-    settings, _ = settle(settings)  # (idempotent: the job passes settled settings)
+    model = model or gq.describe(settings.checkpoint)
+    if not is_settled(settings.options):
+        settings = settle(settings, model).settings
     opts = settings.options
-    model = gq.describe(settings.checkpoint)
     provenance = Provenance(model, settings.checkpoint, opts.image_size, opts.preprocessing())
     run = provenance.run_record() | {
         "input": settings.input,

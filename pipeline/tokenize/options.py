@@ -100,6 +100,13 @@ class TokenizeOptions:
         } | batch_record(self.encoder_precision, self.batch_size)
 
 
+def is_settled(options: TokenizeOptions) -> bool:
+    """Whether nothing is left for `settle_options` to decide (it would return the options unchanged,
+    but for the width/height columns of a resumed directory, which only a run record can tell)."""
+    undecided = None in (options.image_size, options.decode_threads) or options.encoder_precision == "auto"
+    return not undecided
+
+
 def settle_options(
     options: TokenizeOptions, model: gq.ModelConfig, *, gpu: bool, recorded: dict | None = None
 ) -> tuple[TokenizeOptions, str | None]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import posixpath
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import fsspec
 
@@ -79,12 +80,21 @@ def check_paths(checkpoint: str, output: str) -> None:
         at = posixpath.dirname(at)
 
 
-def settle(settings: JobSettings) -> tuple[JobSettings, str | None]:
+class Settled(NamedTuple):
+    """What `settle` decided, with the model it read to decide it (planning needs it too)."""
+
+    settings: JobSettings
+    warning: str | None
+    model: gq.ModelIdentity
+
+
+def settle(settings: JobSettings, model: gq.ModelIdentity | None = None) -> Settled:
     """The settings with every "decide for me" decided (see options.settle_options), resuming DIR's run
-    where there is one; and a warning or None. ValueError (one line) for a model that refuses them."""
+    where there is one; a warning or None; the model's identity (read here unless given: reading it hashes
+    the whole checkpoint file). ValueError (one line) for paths or a model that refuse them."""
     check_paths(settings.checkpoint, settings.output)  # before reading either
-    model = gq.describe(settings.checkpoint)
+    model = model or gq.describe(settings.checkpoint)
     recorded = recorded_preprocessing(settings.output) if settings.on_existing == "skip" else {}
     gpu = settings.gpus_per_actor > 0
     options, warning = settle_options(settings.options, model.config, gpu=gpu, recorded=recorded)
-    return dataclasses.replace(settings, options=options), warning
+    return Settled(dataclasses.replace(settings, options=options), warning, model)
