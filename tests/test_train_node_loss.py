@@ -53,14 +53,15 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def runs_a_train_worker(node) -> bool:
-    """Whether a Ray Train worker process runs under this node's raylet."""
+def train_workers(node) -> list[int]:
+    """The Ray Train worker processes under this node's raylet."""
     raylet = node.all_processes["raylet"][0].process.pid
+    found = []
     for pid in children(raylet):
         with contextlib.suppress(OSError):
             if WORKER in Path(f"/proc/{pid}/cmdline").read_text():
-                return True
-    return False
+                found.append(pid)
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,10 @@ def kill_a_worker_node_after(cluster, out: Path, proc, log: Path, checkpoint: st
         assert proc.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint within 300 s\n" + log.read_text()[-3000:]
         time.sleep(0.1)
-    lost = next(n for n in list(cluster.worker_nodes) if runs_a_train_worker(n))
+    lost = next(n for n in list(cluster.worker_nodes) if train_workers(n))
+    for pid in train_workers(lost):  # a worker outlives its raylet for a moment; a lost machine does not
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     cluster.remove_node(lost, allow_graceful=False)  # the machine is gone: SIGKILL, no goodbye
     return registered(out)
 
@@ -142,7 +146,9 @@ def test_losing_a_worker_node_resumes_in_run_from_the_last_checkpoint(ray_cluste
         assert len(resumes) == 1, text[-3000:]  # one in-run restart, no manual rerun
         event = metrics[resumes[0]]
         at = event["step"]
-        assert f"step-{at:08d}" in saved and at >= 6  # the last checkpoint registered before the loss
+        # the last checkpoint registered before the loss: the one seen when the node went, or a later one
+        # registered while the loss was under way (CI once saw step 12 after the node removal began)
+        assert at % 6 == 0 and f"step-{at:08d}" >= saved[-1], (at, saved)
         assert event["adam_step"] == at and event["tdc_updates"] == at
         logged = {m["step"]: m for m in metrics[: resumes[0]] if "event" not in m}
         for key in ("lam", "lam_min", "lam_max"):
