@@ -227,15 +227,14 @@ def measure(what: str, inp: str, out: str, ckpt: str) -> dict:
     """In a child: a resume with nothing to run (what jobs/tokenize.py does before Ray), or a reader open."""
     from pipeline.memory import peak_rss_mib
     from pipeline.tokenize.driver import plan, prepare_output, run_job
+    from pipeline.tokenize.settings import settle
     from pipeline.tokens.reader import TokenDataset
-    from pipeline.tokens.records import read_run
 
     rss0 = peak_rss_mib()
     t0 = time.perf_counter()
     if what == "resume":
-        settings = measure_settings(inp, out, ckpt)
-        read_run(out)
-        shards, run = plan(settings)
+        settings, _, model = settle(measure_settings(inp, out, ckpt))  # as jobs/tokenize.py does
+        shards, run = plan(settings, model)
         prepare_output(settings, run)
         summary = run_job(settings, shards, run)
         extra = {"committed_before": summary.committed_before, "records_read": shards.commits.records_read}

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import math
+import posixpath
 import time
 import urllib.request
 
@@ -17,7 +18,7 @@ import pytest
 from faultproxy import FaultProxy
 
 import gq
-from pipeline.data.shards import shard_identity
+from pipeline.data.listing import identities, shard_identity
 from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job, uncommitted
 from pipeline.tokenize.processor import TokenizeOptions
 from pipeline.tokens.export import export_flat
@@ -187,11 +188,35 @@ def test_planted_changes_behave_as_without_index(moto, store):
     record9 = fs.cat(f"{out}/_manifest/tiny-000009.json")
     fs.rm(f"{out}/_manifest/tiny-000009.json")
     shards, _ = plan(settings)
-    assert uncommitted(shards, shards.commits) == [f"s3://{BUCKET}/shards/tiny-000009.tar"]
+    assert list(uncommitted(shards, shards.commits)) == [f"s3://{BUCKET}/shards/tiny-000009.tar"]
     assert shards.commits.stale and CommitIndex(shards.commits).flush()  # as run_job's closing rewrite
     rebuilt = read_index(settings.output, 2)
     assert len(rebuilt) == N - 1 and "tiny-000009" not in rebuilt
     fs.pipe(f"{out}/_manifest/tiny-000009.json", record9)
+
+    # a corrupt index: ignored, every record read (as an old directory without one), rebuilt at the end
+    fs.pipe(f"{out}/_manifest/_index-000000002.parquet", b"PAR1 not really")
+    shards, summary = resume(settings)
+    assert summary.committed_before == N and shards.commits.records_read == N
+    assert len(read_index(settings.output, 3)) == N and list_manifest(settings.output).indexes == [3]
+
+
+@pytest.mark.slow
+def test_input_identities_come_from_listing_pages_in_any_order(moto, store):
+    """Identities read beside the listing, as a resume reads them: URLs in key order cost the pages
+    they span (from the first one on), URLs out of order one whole listing; either way each identity is
+    what a metadata request for that shard says."""
+    _, proxy = moto
+    urls = [f"s3://{BUCKET}/shards/tiny-{i:06d}.tar" for i in range(2500, 2600)]
+    truth = {u: shard_identity(u) for u in urls[::10]}
+    found, requests = counted(proxy, lambda: dict(identities(urls, {posixpath.dirname(urls[0]): 100})))
+    assert requests == {"requests": 1, "GET LIST": 1}  # one LIST page: it starts at tiny-002500
+    assert all(found[u] == truth[u] for u in truth) and list(found) == urls
+    backwards = urls[::-1] + [f"s3://{BUCKET}/shards/tiny-000003.tar"]
+    found, requests = counted(proxy, lambda: dict(identities(backwards, {posixpath.dirname(urls[0]): 101})))
+    assert requests["requests"] <= math.ceil(N / 1000) + 2, requests  # the first page, then the whole listing
+    assert all(found[u] == truth[u] for u in truth) and list(found) == backwards
+    assert found[backwards[-1]] == shard_identity(backwards[-1])
 
 
 def store_meta(settings):

@@ -335,8 +335,8 @@ def test_shard_failing_after_retries_is_named_and_exit_1(tmp_path, small_checkpo
     assert failed["vanished"]["attempts"] == 2 and failed["junk"]["attempts"] == 1
     assert failed["junk"]["url"] == str(junk) and failed["junk"]["error"] == junk_error
     assert f"each listed in {settings.output}/_failed.json" in summary.format()
-    assert uncommitted(
-        [*shards, str(tmp_path / "vanished.tar"), str(junk)], load_commits(settings.output)
+    assert list(
+        uncommitted([*shards, str(tmp_path / "vanished.tar"), str(junk)], load_commits(settings.output))
     ) == [str(tmp_path / "vanished.tar"), str(junk)]
     assert summary.encoded == summary.rows == 3  # reported by the actor batch by batch
 

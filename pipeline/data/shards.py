@@ -7,7 +7,7 @@ import contextlib
 import gzip
 import posixpath
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 import fsspec
@@ -15,28 +15,27 @@ import zstandard
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.data.braces import expand_braces, has_brace_expression
+from pipeline.data.listing import compact, iter_listing
+
 # Longest first, so that ".tar.zst" wins over ".tar" style prefixes when stripping.
 SHARD_EXTENSIONS = (".tar.zstd", ".tar.zst", ".tar.gz", ".tgz", ".tar")
 LIST_EXTENSION = ".txt"
-LIST_AT_LEAST = 8  # shards of one directory that make listing it cheaper than asking for each
-
-_BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 
 def expand_shards(spec: str) -> list[str]:
     """The shard URLs named by SHARDS, in order, duplicates removed (first kept); see expand_shards_listed."""
-    return expand_shards_listed(spec)[0]
+    return list(expand_shards_listed(spec)[0])
 
 
-def expand_shards_listed(spec: str) -> tuple[list[str], dict[str, dict]]:
+def expand_shards_listed(spec: str) -> tuple[Sequence[str], dict[str, tuple]]:
     """The shard URLs named by SHARDS, in order, duplicates removed (first kept), and the identities
-    (`shard_identity`) of those that a listing found on the way (globs and directories; not brace patterns,
-    which expand without a request).
+    (`listing.compact` fields) of those that a listing found on the way (globs and directories; not brace
+    patterns, which expand without a request, and lazily: `braces.expand_braces`).
 
     SHARDS is one of:
     - a brace pattern, `s3://b/train-{000000..000009}.tar` or `{train,val}-0.tar` (expanded as text, with
-      bash's zero-padding rule; no request per shard, so 10k-shard patterns cost nothing); an expanded
+      bash's zero-padding rule; no request per shard, so 10^6-shard patterns cost nothing); an expanded
       element that still holds a glob is globbed;
     - a glob, `/data/*.tar` or `memory://x/*.tar.zst`: matching shard files, sorted;
     - a directory: the shard files directly in it, sorted;
@@ -49,11 +48,11 @@ def expand_shards_listed(spec: str) -> tuple[list[str], dict[str, dict]]:
     spec = spec.strip()
     if not spec:
         raise ValueError("empty SHARDS argument: give a brace pattern, glob, directory or .txt list of URLs")
-    listed: dict[str, dict] = {}
-    if _has_brace_expression(spec):
-        urls = []
-        for item in _expand_braces(spec):
-            urls.extend(_glob(item, listed) if _has_magic(item) else [item])
+    listed: dict[str, tuple] = {}
+    if has_brace_expression(spec) and not _has_magic(spec):
+        return expand_braces(spec), listed
+    if has_brace_expression(spec):
+        urls = [u for item in expand_braces(spec) for u in _glob(item, listed)]
     elif _path_part(spec).lower().endswith(LIST_EXTENSION):
         urls = _read_list(spec)
     elif _has_magic(spec):
@@ -74,64 +73,6 @@ def shard_stem(url: str) -> str:
         if lowered.endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)]
     return posixpath.splitext(name)[0] or name
-
-
-def shard_identity(url: str) -> dict:
-    """What tells this shard from another of the same name: its URL, size, and its ETag (object stores,
-    http) or else its modification time, where the filesystem has them. One metadata request."""
-    fs, path = url_to_fs(url)
-    return identity_of(url, fs.info(path))
-
-
-def identity_of(url: str, info: dict) -> dict:
-    """`shard_identity` from a metadata request's or a listing's entry (they carry the same fields)."""
-    identity = {"url": url, "size": info.get("size")}
-    etag = info.get("ETag") or info.get("etag")
-    if etag:
-        identity["etag"] = str(etag).strip('"')
-    elif info.get("mtime") is not None:
-        identity["mtime"] = float(info["mtime"])
-    return identity
-
-
-def listed_identities(urls: Iterable[str], known: dict[str, dict] | None = None) -> dict[str, dict]:
-    """`shard_identity` of each URL, from LISTing the directories they lie in (one request per 1,000
-    entries) rather than one metadata request per shard; `known` ones are not looked up again. A URL that
-    its directory's listing lacks, or whose directory holds fewer than LIST_AT_LEAST of them (listing a
-    large directory for a few would cost more), is asked for alone, so that a missing one raises as
-    `shard_identity` does."""
-    known = known or {}
-    found: dict[str, dict] = {}
-    by_dir: dict[str, list[str]] = {}
-    for url in urls:
-        if url in known:
-            found[url] = known[url]
-        elif _is_http(url):
-            found[url] = shard_identity(url)
-        else:
-            by_dir.setdefault(posixpath.dirname(url), []).append(url)
-    for directory, members in by_dir.items():
-        infos = {}
-        if len(members) >= LIST_AT_LEAST:
-            fs, path = url_to_fs(directory)
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                infos = {posixpath.basename(i["name"]): i for i in fs.ls(path, detail=True)}
-            fs.invalidate_cache(path)  # a listing of 10^6 entries must not stay cached
-        for url in members:
-            info = infos.get(posixpath.basename(url))
-            found[url] = (
-                identity_of(url, info) if info and info.get("type") == "file" else shard_identity(url)
-            )
-    return found
-
-
-def identity_mismatch(recorded: dict, url: str, current: dict | None) -> str | None:
-    """Why a committed shard's record does not describe the shard `url` now (None when it does). A record
-    written before shards carried an identity (only "shard", its URL) is compared by URL alone."""
-    pinned = recorded.get("shard_identity") or {"url": recorded.get("shard")}
-    now = current or {"url": url}
-    diffs = [f"{k} {pinned[k]!r} != {now.get(k)!r}" for k in pinned if pinned[k] != now.get(k)]
-    return "; ".join(diffs) or None
 
 
 def is_shard_file(path: str) -> bool:
@@ -185,58 +126,25 @@ def _has_magic(url: str) -> bool:
     return any(c in url for c in chars)
 
 
-def _has_brace_expression(spec: str) -> bool:
-    return any("," in m.group(1) or _RANGE.match(m.group(1)) for m in _BRACE.finditer(spec))
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    """Bash-style brace expansion, innermost first: {a,b} lists and {0..9} / {000..099} ranges."""
-    for match in _BRACE.finditer(pattern):
-        alternatives = _brace_alternatives(match.group(1))
-        if alternatives is None:
-            continue
-        head, tail = pattern[: match.start()], pattern[match.end() :]
-        out: list[str] = []
-        for alternative in alternatives:
-            out.extend(_expand_braces(head + alternative + tail))
-        return out
-    return [pattern]
-
-
-def _brace_alternatives(body: str) -> list[str] | None:
-    span = _RANGE.match(body)
-    if span:
-        first, last = span.group(1), span.group(2)
-        start, stop = int(first), int(last)
-        # bash pads to the wider bound when either bound has a leading zero
-        padded = any(len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0") for b in (first, last))
-        width = max(len(first), len(last)) if padded else 0
-        step = 1 if stop >= start else -1
-        return [str(i).zfill(width) for i in range(start, stop + step, step)]
-    if "," in body:
-        return body.split(",")
-    return None
-
-
-def _glob(pattern: str, listed: dict[str, dict]) -> list[str]:
+def _glob(pattern: str, listed: dict[str, tuple]) -> list[str]:
     fs, path = url_to_fs(pattern)
     found = fs.glob(path, detail=True)  # one listing, not a stat per match
     matches = sorted(p for p, info in found.items() if info.get("type") != "directory" and is_shard_file(p))
     urls = [_restore(pattern, fs, p) for p in matches]
-    listed.update((u, identity_of(u, found[p])) for u, p in zip(urls, matches, strict=True))
+    listed.update((u, compact(found[p])) for u, p in zip(urls, matches, strict=True))
     return urls
 
 
-def _directory_or_file(spec: str, listed: dict[str, dict]) -> list[str]:
+def _directory_or_file(spec: str, listed: dict[str, tuple]) -> list[str]:
     if _is_http(spec):
         # listing an http "directory" means scraping HTML: treat an http URL as one shard
         return [spec]
     fs, path = url_to_fs(spec)
     if fs.isdir(path):
-        entries = {e["name"]: e for e in fs.ls(path, detail=True)}
-        files = sorted(p for p, e in entries.items() if e.get("type") == "file" and is_shard_file(p))
-        urls = [_restore(spec, fs, p) for p in files]
-        listed.update((u, identity_of(u, entries[p])) for u, p in zip(urls, files, strict=True))
+        entries = (e for e in iter_listing(spec) if e.get("type") == "file" and is_shard_file(e["name"]))
+        files = {e["name"]: compact(e) for e in entries}
+        urls = [_restore(spec, fs, p) for p in sorted(files)]
+        listed.update((u, files[p]) for u, p in zip(urls, sorted(files), strict=True))
         return urls
     if fs.exists(path):
         return [_restore(spec, fs, path)]

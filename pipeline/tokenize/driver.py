@@ -9,9 +9,11 @@ no actor, and no room on the cluster for one within `actor_wait`, stops with the
 
 from __future__ import annotations
 
+import posixpath
 import sys
 import time
 from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 
 import fsspec
@@ -21,8 +23,10 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 import gq
+from pipeline.data.braces import strictly_increasing
+from pipeline.data.listing import identities, identity_mismatch
 from pipeline.data.samples import ShardUnreadable
-from pipeline.data.shards import expand_shards_listed, identity_mismatch, listed_identities, shard_stem
+from pipeline.data.shards import expand_shards_listed, shard_stem
 from pipeline.io import join
 from pipeline.tokenize.options import is_settled
 from pipeline.tokenize.pool import ActorPool, actor_resources
@@ -42,53 +46,118 @@ from pipeline.tokens.records import (
 )
 
 
-def check_exist(shards: list[str]) -> None:
+def check_exist(shards: Sequence[str]) -> None:
     """Brace patterns expand without listing: catch a mistyped pattern before any actor starts."""
     fs, _ = fsspec.core.url_to_fs(shards[0])
     # Local stats are cheap, so check all; on an object store one request per shard would not be.
     sample = shards if isinstance(fs, LocalFileSystem) else shards[:1]
-    missing = [u for u in sample if not fs.exists(fsspec.core.url_to_fs(u)[1])]
+    missing, first = 0, []
+    for u in sample:
+        if not fs.exists(fsspec.core.url_to_fs(u)[1]):
+            missing += 1
+            first += [u] if len(first) < 3 else []
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ValueError(f"input shards not found: {', '.join(missing[:3])}{more}")
+        more = f" and {missing - 3} more" if missing > 3 else ""
+        raise ValueError(f"input shards not found: {', '.join(first)}{more}")
 
 
-class PlannedShards(list):
-    """The shard URLs of a plan, carrying the commits read while planning (run_job takes them from here
-    rather than listing DIR again; a plain list makes it load them)."""
+def check_stems(shards: Sequence[str]) -> None:
+    """Two shards of one name would write one token file. Stems in increasing order (a brace range, a
+    sorted listing) are distinct without a set of 10^6 of them; any other order is counted."""
+    if strictly_increasing(shard_stem(s) for s in shards):
+        return
+    stems = Counter(shard_stem(s) for s in shards)
+    clashes = [s for s, n in stems.items() if n > 1]
+    if clashes:
+        raise ValueError(f"shards with the same name would write the same token file: {clashes[:5]}")
 
-    commits: Commits | None = None
+
+class PlannedShards(Sequence[str]):
+    """The shard URLs of a plan (a lazy sequence for a brace pattern), carrying the commits read while
+    planning (run_job takes them from here rather than listing DIR again; a plain list makes it load
+    them)."""
+
+    def __init__(self, urls: Sequence[str], commits: Commits | None = None) -> None:
+        self.urls, self.commits = urls, commits
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    def __getitem__(self, i):
+        return self.urls[i]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.urls)
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == list(other) if isinstance(other, Sequence) else NotImplemented
+
+    __hash__ = None
 
 
-def check_committed(output: str, shards: list[str], listed: dict[str, dict]) -> Commits:
+class ShardQueue:
+    """The shards left to do: retried ones first, then the plan's uncommitted shards, drawn from it as
+    actors ask (a plan of 10^6 shards is not copied into a queue)."""
+
+    def __init__(self, shards: Iterable[str]) -> None:
+        self.retries: deque[str] = deque()
+        self._rest = iter(shards)
+        self._next = next(self._rest, None)
+
+    def __bool__(self) -> bool:
+        return bool(self.retries) or self._next is not None
+
+    def popleft(self) -> str:
+        if self.retries:
+            return self.retries.popleft()
+        if self._next is None:
+            raise IndexError("no shard left")
+        url, self._next = self._next, next(self._rest, None)
+        return url
+
+    def appendleft(self, url: str) -> None:
+        self.retries.appendleft(url)
+
+
+def check_committed(output: str, shards: Sequence[str], listed: Mapping[str, tuple]) -> Commits:
     """The commits of DIR; refuse to resume when a committed shard's record describes another shard than
     the input shard of that name now (another directory, or the file changed): skipping it would lose the
-    new one's samples. The records come from the commit index, the inputs' identities from listings."""
+    new one's samples. The records come from the commit index, the inputs' identities from listings read
+    beside the shard list (`listed`: those the expansion listed already)."""
     commits = load_commits(output)
-    resumed = [u for u in shards if shard_stem(u) in commits.entries]
-    now = listed_identities(resumed, listed)
-    found = []
-    for url in resumed:
-        why = identity_mismatch({"shard_identity": commits.entries[shard_stem(url)].pinned}, url, now[url])
+    entries = commits.entries
+    if not entries:
+        return commits
+
+    def resumed() -> Iterator[str]:
+        return (u for u in shards if shard_stem(u) in entries)
+
+    per_directory = Counter(posixpath.dirname(u) for u in resumed())
+    found, first = 0, None
+    for url, now in identities(resumed(), per_directory, listed):
+        why = identity_mismatch({"shard_identity": entries[shard_stem(url)].pinned}, url, now)
         if why:
-            found.append((url, why))
-    if found:
-        url, why = found[0]
+            found += 1
+            first = first or (url, why)
+    if first:
+        url, why = first
         raise ValueError(
-            f"{len(found)} committed shard(s) are not the input shards of the same name now, e.g. "
+            f"{found} committed shard(s) are not the input shards of the same name now, e.g. "
             f"{shard_stem(url)} ({why}): use a new --output, or --on-existing overwrite to redo them"
         )
     return commits
 
 
-def plan(settings: JobSettings, model: gq.ModelIdentity | None = None) -> tuple[list[str], dict]:
+def plan(settings: JobSettings, model: gq.ModelIdentity | None = None) -> tuple[PlannedShards, dict]:
     """Validate the settings against the paths and the model (`model`: its identity, when the caller has
-    read it); the shard URLs and the run record. Settings with something left undecided are settled here
-    (`settle`); the job passes settled ones. Raises ValueError for bad arguments."""
-    check_paths(settings.checkpoint, settings.output)
+    read it with `settle`, which checked the paths); the shard URLs and the run record. Settings with
+    something left undecided are settled here (`settle`); the job passes settled ones. Raises ValueError
+    for bad arguments."""
+    if model is None:
+        check_paths(settings.checkpoint, settings.output)
     urls, listed = expand_shards_listed(settings.input)
     shards = PlannedShards(urls)
-    check_exist(shards)
+    check_exist(urls)
     foreign = foreign_entries(settings.output)
     if foreign and not settings.allow_nonempty_output:
         more = ", ..." if len(foreign) > 3 else ""
@@ -97,12 +166,9 @@ def plan(settings: JobSettings, model: gq.ModelIdentity | None = None) -> tuple[
             "record of this tool: give a new or empty directory, or --allow-nonempty-output to write beside "
             "those files (they are never deleted)"
         )
+    check_stems(urls)
     if settings.on_existing == "skip":
-        shards.commits = check_committed(settings.output, shards, listed)
-    stems = Counter(shard_stem(s) for s in shards)
-    clashes = [s for s, n in stems.items() if n > 1]
-    if clashes:
-        raise ValueError(f"shards with the same name would write the same token file: {clashes[:5]}")
+        shards.commits = check_committed(settings.output, urls, listed)
     model = model or gq.describe(settings.checkpoint)
     if not is_settled(settings.options):
         settings = settle(settings, model).settings
@@ -129,17 +195,17 @@ def prepare_output(settings: JobSettings, run: dict) -> None:
     write_run(settings.output, run)
 
 
-def run_job(settings: JobSettings, shards: list[str], run: dict) -> JobSummary:
+def run_job(settings: JobSettings, shards: Sequence[str], run: dict) -> JobSummary:
     """Tokenize every uncommitted shard on a pool of actors (Ray must be initialised)."""
     t0 = time.perf_counter()
     summary = JobSummary(shards_total=len(shards), failed_file=join(settings.output, FAILED_FILE))
     index = CommitIndex(getattr(shards, "commits", None) or load_commits(settings.output))
-    todo = deque(uncommitted(shards, index.commits))
-    summary.committed_before = len(shards) - len(todo)
+    summary.committed_before = sum(1 for s in shards if shard_stem(s) in index.commits.entries)
+    todo = ShardQueue(uncommitted(shards, index.commits))
     if todo:
         cpus = actor_resources(settings.actors, settings.cpus_per_actor, settings.gpus_per_actor)
         pool = ActorPool(
-            size=min(settings.actors, len(todo)),
+            size=min(settings.actors, len(shards) - summary.committed_before),
             checkpoint=settings.checkpoint,
             options=settings.options,
             output=settings.output,
@@ -158,9 +224,9 @@ def run_job(settings: JobSettings, shards: list[str], run: dict) -> JobSummary:
     return summary
 
 
-def uncommitted(shards: list[str], commits: Commits) -> list[str]:
+def uncommitted(shards: Iterable[str], commits: Commits) -> Iterator[str]:
     """The shards a run does: those without a commit record (never run, failed, or their record deleted)."""
-    return [s for s in shards if shard_stem(s) not in commits.entries]
+    return (s for s in shards if shard_stem(s) not in commits.entries)
 
 
 def finish_output(output: str, index: CommitIndex, summary: JobSummary) -> None:
@@ -186,7 +252,7 @@ def progress_bar(enabled: bool, total: int, initial: int) -> tqdm:
 
 def _drain(
     pool: ActorPool,
-    todo: deque,
+    todo: ShardQueue,
     settings: JobSettings,
     summary: JobSummary,
     bar: tqdm,

@@ -22,9 +22,10 @@ from pipeline.data import gpu_decode
 from pipeline.data.decode import Decoded, decode_sample
 from pipeline.data.extras import column_type, extra_values
 from pipeline.data.gpu_decode import EncodedJpeg, GpuJpegDecoder
+from pipeline.data.listing import shard_identity
 from pipeline.data.reasons import TAR_TRUNCATED
 from pipeline.data.samples import Sample, Skip
-from pipeline.data.shards import shard_identity, shard_stem
+from pipeline.data.shards import shard_stem
 from pipeline.data.stages import batched, decoded, shard_samples
 from pipeline.data.views import VIEW_SETS
 from pipeline.io import write_atomic

@@ -26,10 +26,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.data.listing import iter_listing
 from pipeline.io import cat_whole, join, write_atomic
 from pipeline.tokens.records import MANIFEST_DIR
 
 INDEX_NAME = re.compile(r"^_index-(\d+)\.parquet$")
+BATCH = 10_000  # index rows per row group, and per batch read: what a reader holds decoded at once
 REWRITE_EVERY = 500  # commits between rewrites, at least; at most a tenth of the index (see due())
 SCHEMA = pa.schema(
     [
@@ -43,7 +45,7 @@ SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One commit record as the index keeps it."""
 
@@ -88,20 +90,19 @@ class Listing:
 
 
 def list_manifest(output: str) -> Listing:
-    fs, path = fsspec.core.url_to_fs(join(output, MANIFEST_DIR))
+    """One LIST of `DIR/_manifest/`, read a page at a time: only each record's stem and tag are kept."""
+    fs, _ = fsspec.core.url_to_fs(output)
     fs.invalidate_cache()  # object-store listings are cached per filesystem instance
+    listing = Listing()
     try:
-        infos = fs.ls(path, detail=True)
+        for info in iter_listing(join(output, MANIFEST_DIR)):
+            name = posixpath.basename(info["name"].rstrip("/"))
+            if m := INDEX_NAME.match(name):
+                listing.indexes.append(int(m.group(1)))
+            elif name.endswith(".json") and not name.startswith(".") and info.get("type") != "directory":
+                listing.tags[name[: -len(".json")]] = record_tag(info)
     except (FileNotFoundError, NotADirectoryError):  # no commit yet, or DIR is a file (a reader's source)
         return Listing()
-    fs.invalidate_cache(path)  # 10^6 entries must not stay cached in the filesystem instance
-    listing = Listing()
-    for info in infos:
-        name = posixpath.basename(info["name"].rstrip("/"))
-        if m := INDEX_NAME.match(name):
-            listing.indexes.append(int(m.group(1)))
-        elif name.endswith(".json") and not name.startswith(".") and info.get("type") != "directory":
-            listing.tags[name[: -len(".json")]] = record_tag(info)
     listing.indexes.sort(reverse=True)
     return listing
 
@@ -114,16 +115,19 @@ def read_index(output: str, k: int) -> dict[str, Entry] | None:
     """The entries of index generation k, or None when it cannot be read or is not one of ours."""
     try:
         fs, path = fsspec.core.url_to_fs(index_url(output, k))
-        table = pq.ParquetFile(io.BytesIO(cat_whole(fs, path))).read()  # one GET (read_table: +3 s importing)
-        if not table.schema.equals(SCHEMA):
+        file = pq.ParquetFile(io.BytesIO(cat_whole(fs, path)))  # one GET (read_table: +3 s importing)
+        if not file.schema_arrow.equals(SCHEMA):
             return None
-        columns = [table.column(n).to_pylist() for n in SCHEMA.names]
+        entries, shared = {}, {}  # one object for the values most entries repeat (codebook, row groups)
+        for batch in file.iter_batches(BATCH):  # decoded a batch at a time: 10^6 rows never are at once
+            columns = [batch.column(n).to_pylist() for n in SCHEMA.names]
+            for stem, tag, identity, rows, groups, fingerprint in zip(*columns, strict=True):
+                groups = shared.setdefault(tuple(groups), tuple(groups)) if groups is not None else None
+                fingerprint = shared.setdefault(fingerprint, fingerprint)
+                entries[stem] = Entry(tag, identity, rows, groups, fingerprint)
     except (OSError, ValueError, pa.ArrowException):
         return None
-    return {
-        stem: Entry(tag, identity, rows, tuple(groups) if groups is not None else None, fingerprint)
-        for stem, tag, identity, rows, groups, fingerprint in zip(*columns, strict=True)
-    }
+    return entries
 
 
 def write_index(output: str, entries: dict[str, Entry], k: int, older: Iterable[int] = ()) -> None:
@@ -140,7 +144,7 @@ def write_index(output: str, entries: dict[str, Entry], k: int, older: Iterable[
     }
     table = pa.table(list(columns.values()), schema=SCHEMA)
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=BATCH)
     write_atomic(index_url(output, k), buf.getvalue())
     fs, _ = fsspec.core.url_to_fs(output)
     for old in older:
