@@ -120,7 +120,9 @@ def pipeline_child(args: argparse.Namespace) -> None:
     """One pipeline measurement (child process): embedded Ray, one CPU actor, all shards."""
     import ray
 
-    from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job
+    from pipeline.tokenize.driver import run_job
+    from pipeline.tokenize.plan import plan, prepare_output
+    from pipeline.tokenize.settings import JobSettings
 
     opts = TokenizeOptions(
         image_size=args.image_size, batch_size=args.batch_size, decode_threads=int(args.decode_threads)

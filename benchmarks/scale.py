@@ -70,8 +70,10 @@ def drive(inp: str, out: str, ckpt: str) -> dict:
     import ray
 
     from pipeline.memory import peak_rss_mib
-    from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job
+    from pipeline.tokenize.driver import run_job
+    from pipeline.tokenize.plan import plan, prepare_output
     from pipeline.tokenize.processor import TokenizeOptions
+    from pipeline.tokenize.settings import JobSettings
     from pipeline.tokens.records import committed_stems, read_commit_record
 
     settings = JobSettings(
@@ -177,7 +179,7 @@ def plant(out: str, inp_dir: str, n: int, ckpt: str, put) -> str:
     import hashlib
 
     import gq
-    from pipeline.tokenize.driver import plan, prepare_output
+    from pipeline.tokenize.plan import plan, prepare_output
     from pipeline.tokens.index import CommitIndex, Commits
     from pipeline.tokens.records import CommitRecord, Provenance, commit_record_url, token_url
     from pipeline.tokens.writer import parquet_bytes, row_groups_of, token_table
@@ -216,8 +218,8 @@ def mtime(path: str) -> float:
 
 
 def measure_settings(inp: str, out: str, ckpt: str):
-    from pipeline.tokenize.driver import JobSettings
     from pipeline.tokenize.processor import TokenizeOptions
+    from pipeline.tokenize.settings import JobSettings
 
     return JobSettings(input=inp, output=out, checkpoint=ckpt, progress=False,
                        options=TokenizeOptions(image_size=64, batch_size=1))  # fmt: skip
@@ -226,7 +228,8 @@ def measure_settings(inp: str, out: str, ckpt: str):
 def measure(what: str, inp: str, out: str, ckpt: str) -> dict:
     """In a child: a resume with nothing to run (what jobs/tokenize.py does before Ray), or a reader open."""
     from pipeline.memory import peak_rss_mib
-    from pipeline.tokenize.driver import plan, prepare_output, run_job
+    from pipeline.tokenize.driver import run_job
+    from pipeline.tokenize.plan import plan, prepare_output
     from pipeline.tokenize.settings import settle
     from pipeline.tokens.reader import TokenDataset
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import gq
 from jobs import startup
 from pipeline.evaluate.roundtrip import round_trip
-from pipeline.tokenize.driver import plan, prepare_output, run_job
+from pipeline.tokenize.driver import run_job
 from pipeline.tokenize.options import TokenizeOptions
+from pipeline.tokenize.plan import plan, prepare_output
 from pipeline.tokenize.settings import JobSettings
 
 REPO = Path(__file__).resolve().parents[1]

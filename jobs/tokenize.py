@@ -22,7 +22,8 @@ import argparse
 
 from jobs import startup
 from pipeline.cli import add_config_arguments, config_from_args
-from pipeline.tokenize.driver import plan, prepare_output, run_job
+from pipeline.tokenize.driver import run_job
+from pipeline.tokenize.plan import plan, prepare_output
 from pipeline.tokenize.settings import JobSettings, settle
 
 

@@ -11,8 +11,10 @@ import pytest
 
 import gq
 from pipeline.data.braces import BraceShards, expand_braces
-from pipeline.tokenize.driver import JobSettings, ShardQueue, plan, uncommitted
+from pipeline.tokenize.driver import ShardQueue
+from pipeline.tokenize.plan import plan, uncommitted
 from pipeline.tokenize.processor import TokenizeOptions
+from pipeline.tokenize.settings import JobSettings
 
 
 def bash(pattern: str) -> list[str]:

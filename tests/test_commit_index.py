@@ -19,8 +19,10 @@ from faultproxy import FaultProxy
 
 import gq
 from pipeline.data.listing import identities, shard_identity
-from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job, uncommitted
+from pipeline.tokenize.driver import run_job
+from pipeline.tokenize.plan import plan, prepare_output, uncommitted
 from pipeline.tokenize.processor import TokenizeOptions
+from pipeline.tokenize.settings import JobSettings
 from pipeline.tokens.export import export_flat
 from pipeline.tokens.files import read_unit, tokens_array
 from pipeline.tokens.index import CommitIndex, entry_of, list_manifest, load_commits, read_index, write_index

@@ -17,8 +17,9 @@ from jobs import tokenize
 from pipeline.data import stages as stages_module
 from pipeline.data.samples import MEMBER_TOO_LARGE, TAR_TRUNCATED, ShardUnreadable, iter_samples
 from pipeline.pack.shard_writer import write_shard
-from pipeline.tokenize.driver import JobSettings, plan, prepare_output
+from pipeline.tokenize.plan import plan, prepare_output
 from pipeline.tokenize.processor import ShardTokenizer, TokenizeOptions
+from pipeline.tokenize.settings import JobSettings
 from pipeline.tokenize.summary import JobSummary
 from pipeline.tokens.records import commit_record_url, read_commit_record
 

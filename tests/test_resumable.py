@@ -13,7 +13,7 @@ from shardmaker import real_jpegs
 
 from pipeline.io.resumable import PlanMismatch, ResumableDir, check_plan, differing, with_implied
 from pipeline.pack.folder_shards import ShardingSettings, make_shards
-from pipeline.tokenize.driver import prepare_output
+from pipeline.tokenize.plan import prepare_output
 from pipeline.tokens.records import RunMismatch, read_run, write_run
 from pipeline.train.config import TrainSettings
 from pipeline.train.run import write_run_json

@@ -304,7 +304,9 @@ def test_shard_failing_after_retries_is_named_and_exit_1(tmp_path, small_checkpo
     """The driver in-process on a local Ray: a shard that cannot be read fails after its retries."""
     import ray
 
-    from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job, uncommitted
+    from pipeline.tokenize.driver import run_job
+    from pipeline.tokenize.plan import plan, prepare_output, uncommitted
+    from pipeline.tokenize.settings import JobSettings
     from pipeline.tokens.index import load_commits
     from pipeline.tokens.records import read_failed
 
@@ -346,7 +348,9 @@ def test_actor_that_cannot_be_placed_stops_within_the_wait(tmp_path, small_check
     no actor is ever placed, and the run stops after --actor-wait with what it asked and what Ray has."""
     import ray
 
-    from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job
+    from pipeline.tokenize.driver import run_job
+    from pipeline.tokenize.plan import plan, prepare_output
+    from pipeline.tokenize.settings import JobSettings
 
     make_shard(str(tmp_path / "one.tar"), 2, seed=41)
     settings = JobSettings(
@@ -377,7 +381,9 @@ def test_model_that_fails_to_load_fails_its_shards_with_the_reason(tmp_path, sma
     the one recorded for the run) fails each shard with that error, not with a dead actor's."""
     import ray
 
-    from pipeline.tokenize.driver import JobSettings, plan, prepare_output, run_job
+    from pipeline.tokenize.driver import run_job
+    from pipeline.tokenize.plan import plan, prepare_output
+    from pipeline.tokenize.settings import JobSettings
 
     make_shard(str(tmp_path / "one.tar"), 2, seed=42)
     settings = JobSettings(
