@@ -149,7 +149,11 @@ def identities(urls: Iterable[str], per_directory: Mapping[str, int] | None = No
 def _alone(url: str) -> bool:
     """Whether shards like this one are looked up alone: local files (a stat is cheaper than a listing)
     and http URLs (no listing to read)."""
-    return url.startswith(("http://", "https://")) or isinstance(url_to_fs(url)[0], LocalFileSystem)
+    return is_http(url) or isinstance(url_to_fs(url)[0], LocalFileSystem)
+
+
+def is_http(url: str) -> bool:
+    return url.lower().startswith(("http://", "https://"))
 
 
 class _Walker:

@@ -16,7 +16,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.data.braces import expand_braces, has_brace_expression
-from pipeline.data.listing import compact, iter_listing
+from pipeline.data.listing import compact, is_http, iter_listing
 
 # Longest first, so that ".tar.zst" wins over ".tar" style prefixes when stripping.
 SHARD_EXTENSIONS = (".tar.zstd", ".tar.zst", ".tar.gz", ".tgz", ".tar")
@@ -111,18 +111,14 @@ def _compression_of(url: str) -> str | None:
     return None
 
 
-def _is_http(url: str) -> bool:
-    return url.lower().startswith(("http://", "https://"))
-
-
 def _path_part(url: str) -> str:
     """The URL without an http query string or fragment (other protocols have none)."""
-    return re.split(r"[?#]", url, maxsplit=1)[0] if _is_http(url) else url
+    return re.split(r"[?#]", url, maxsplit=1)[0] if is_http(url) else url
 
 
 def _has_magic(url: str) -> bool:
     # "?" is an http query separator, not a wildcard, in http URLs.
-    chars = "*[" if _is_http(url) else "*?["
+    chars = "*[" if is_http(url) else "*?["
     return any(c in url for c in chars)
 
 
@@ -136,15 +132,16 @@ def _glob(pattern: str, listed: dict[str, tuple]) -> list[str]:
 
 
 def _directory_or_file(spec: str, listed: dict[str, tuple]) -> list[str]:
-    if _is_http(spec):
+    if is_http(spec):
         # listing an http "directory" means scraping HTML: treat an http URL as one shard
         return [spec]
     fs, path = url_to_fs(spec)
     if fs.isdir(path):
         entries = (e for e in iter_listing(spec) if e.get("type") == "file" and is_shard_file(e["name"]))
         files = {e["name"]: compact(e) for e in entries}
-        urls = [_restore(spec, fs, p) for p in sorted(files)]
-        listed.update((u, files[p]) for u, p in zip(urls, sorted(files), strict=True))
+        paths = sorted(files)
+        urls = [_restore(spec, fs, p) for p in paths]
+        listed.update((u, files[p]) for u, p in zip(urls, paths, strict=True))
         return urls
     if fs.exists(path):
         return [_restore(spec, fs, path)]
